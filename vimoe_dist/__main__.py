@@ -1,0 +1,4 @@
+from vimoe_dist.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The `vimoe` command. Each area registers its own subcommands; this file only collects them and turns a
+`UserError` into one line on stderr and exit code 2 (no traceback for a user's mistake)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vimoe_dist import __version__
+from vimoe_dist.errors import UserError
+
+# modules with `register(subparsers)`; importing them must stay cheap (no torch at import time)
+COMMAND_MODULES = ("vimoe_dist.commands",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vimoe", description="Distributed expert-parallel Vision MoE training.")
+    parser.add_argument("--version", action="version", version=f"vimoe-dist {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """`--config FILE` and trailing `key=value` overrides, the same for every command that takes a config."""
+    parser.add_argument("--config", required=required, metavar="FILE", help="YAML config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dot-list overrides, e.g. train.steps=10")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except UserError as e:
+        print(f"vimoe {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code or 0)
