@@ -131,9 +131,10 @@ class DataConfig:
 class MetricsConfig:
     port: int = 0  # 0: no Prometheus endpoint; rank r serves on port + LOCAL_RANK
     addr: str = "127.0.0.1"  # loopback by default: the endpoint is unauthenticated
-    port_search: bool = False
-    pushgateway: str | None = None
-    job: str = "vimoe"
+    port_search: bool = False  # a taken port: try the next ones (logged) instead of failing
+    pushgateway: str | None = None  # http(s)://host:port or host:port; each rank pushes its final values at exit
+    push_timeout_s: float = 10.0
+    job: str = "vimoe"  # the `job` label of every series
 
 
 @dataclass
@@ -377,6 +378,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {d.max_bad_fraction!r}")
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError(f"metrics.port: {cfg.metrics.port} is not a TCP port (0 turns the endpoint off)")
+    if not cfg.metrics.addr.strip():
+        raise ConfigError("metrics.addr: must name an interface to bind, e.g. 127.0.0.1 or 0.0.0.0")
+    if not cfg.metrics.job.strip():
+        raise ConfigError("metrics.job: must not be empty (it is the job label of every series)")
+    gateway = cfg.metrics.pushgateway
+    if gateway is not None and (
+        not gateway.strip() or ("://" in gateway and not gateway.startswith(("http://", "https://")))
+    ):
+        raise ConfigError(f"metrics.pushgateway: {gateway!r} is neither an http(s) URL nor host:port")
+    _positive("metrics.push_timeout_s", cfg.metrics.push_timeout_s)
 
 
 def parse_layers(layers: Any, depth: int | None) -> list[int]:
