@@ -1,0 +1,210 @@
+"""The one place where config becomes modules: `build_model`, `upcycle`, `build_moe`.
+
+A ViMoE is a timm VisionTransformer (any timm ViT name: DINOv2 variants with layer scale and registers included)
+whose FFN in the chosen blocks is an MoE FFN. Starting from dense weights goes through function-preserving
+upcycling: every expert (and the shared expert) starts as a copy of the block's FFN, so the new model computes what
+the dense one did and training starts from the DINOv2 features instead of from noise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+from vimoe_dist.config import ConfigError, ModelConfig, MoEConfig, parse_layers
+from vimoe_dist.model.moe.layer import MoEFFN
+from vimoe_dist.model.moe.routers import build_router, router_options
+
+log = logging.getLogger(__name__)
+
+# `impl` other than ours: reference layers that live outside the model package (they import deepspeed/fairscale)
+REFERENCE_IMPLS = {
+    "deepspeed": "vimoe_dist.reference.deepspeed_moe:DeepSpeedMoEFFN",
+    "fairscale": "vimoe_dist.reference.fairscale_moe:FairscaleMoEFFN",
+}
+
+
+def build_moe(dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1) -> nn.Module:
+    """An MoE FFN, drop-in for timm's `Mlp`: forward(x [B, N, D]) -> [B, N, D]; aux loss in `.aux_loss`."""
+    if moe_cfg.impl != "vimoe":
+        module_name, cls_name = REFERENCE_IMPLS[moe_cfg.impl].split(":")
+        return getattr(importlib.import_module(module_name), cls_name)(dim, hidden_dim, moe_cfg)
+    options = {k: getattr(moe_cfg, k) for k in router_options(moe_cfg.router) if hasattr(moe_cfg, k)}
+    router = build_router(moe_cfg.router, dim, moe_cfg.num_experts, **options)
+    return MoEFFN(
+        dim,
+        hidden_dim,
+        moe_cfg.num_experts,
+        router,
+        routing=moe_cfg.routing,
+        pool=moe_cfg.pool,
+        group_size=moe_cfg.group_size,
+        shared_expert=moe_cfg.shared_expert,
+        num_prefix_tokens=num_prefix_tokens,
+    )
+
+
+def upcycle(vit: nn.Module, moe_cfg: MoEConfig, copy_ffn: bool = True) -> nn.Module:
+    """Turns a dense timm VisionTransformer into a ViMoE, in place, and returns it.
+
+    With `copy_ffn`, each replaced block's FFN is copied into every expert and the shared expert. Function
+    preserving: with a shared expert, y = S(x) + sum_i g_i E_i(x), and halving the output projection of each copy
+    gives y = FFN(x) whenever the routing weights of a token sum to one and nothing is dropped; without one, the
+    copies are exact. Without `copy_ffn` the experts get a fresh independent init (training from scratch).
+    """
+    depth = len(vit.blocks)
+    layers = parse_layers(moe_cfg.layers, depth)
+    num_prefix = getattr(vit, "num_prefix_tokens", 1)
+    for i in layers:
+        mlp = vit.blocks[i].mlp
+        if not isinstance(mlp, Mlp) or not isinstance(mlp.act, nn.GELU) or not isinstance(mlp.norm, nn.Identity):
+            raise ConfigError(f"model.moe.layers: block {i} has a {type(mlp).__name__} FFN; MoE needs a timm GELU Mlp")
+        dim, hidden = mlp.fc1.in_features, mlp.fc1.out_features
+        if moe_cfg.hidden_ratio is not None:
+            if copy_ffn and round(moe_cfg.hidden_ratio * dim) != hidden:
+                raise ConfigError(f"model.moe.hidden_ratio: {moe_cfg.hidden_ratio} differs from the dense FFN's")
+            hidden = round(moe_cfg.hidden_ratio * dim)
+        moe = build_moe(dim, hidden, moe_cfg, num_prefix_tokens=num_prefix)
+        if copy_ffn:
+            _copy_ffn_into(moe, mlp, moe_cfg)
+        vit.blocks[i].mlp = moe
+    return vit
+
+
+@torch.no_grad()
+def _copy_ffn_into(moe: nn.Module, mlp: Mlp, moe_cfg: MoEConfig) -> None:
+    if not isinstance(moe, MoEFFN):
+        raise ConfigError(f"model.moe.impl: upcycling from dense weights needs impl vimoe, not {moe_cfg.impl!r}")
+    scale = 0.5 if moe.shared is not None else 1.0
+    moe.experts.copy_from_mlp(mlp, out_scale=scale)
+    if moe.shared is not None:
+        moe.shared.load_state_dict(mlp.state_dict())
+        moe.shared.fc2.weight.mul_(0.5)
+        moe.shared.fc2.bias.mul_(0.5)
+
+
+def build_dense(model_cfg: ModelConfig) -> nn.Module:
+    """The timm ViT backbone, without pretrained weights (they come from a file through `load_pretrained`)."""
+    kwargs = dict(model_cfg.backbone_kwargs)
+    try:
+        return timm.create_model(
+            model_cfg.backbone,
+            pretrained=False,
+            img_size=model_cfg.img_size,
+            in_chans=model_cfg.in_chans,
+            num_classes=model_cfg.num_classes,
+            drop_path_rate=model_cfg.drop_path,
+            global_pool=model_cfg.global_pool,
+            **kwargs,
+        )
+    except RuntimeError as e:  # timm: unknown model name
+        raise ConfigError(f"model.backbone: {model_cfg.backbone!r}: {e}") from None
+    except TypeError as e:
+        raise ConfigError(f"model.backbone_kwargs: {kwargs!r} not accepted by {model_cfg.backbone}: {e}") from None
+
+
+def build_model(model_cfg: ModelConfig, trust_checkpoint: bool = False) -> nn.Module:
+    """Config -> ViMoE. forward(images [B, 3, H, W]) -> logits [B, num_classes].
+
+    `model.pretrained` may be a dense timm/DINOv2 checkpoint file (upcycled), a ViMoE state dict written by
+    `vimoe export` or `vimoe prune` (loaded as is), or, when the machine is online, a timm model name.
+    """
+    vit = build_dense(model_cfg)
+    moe_cfg = model_cfg.moe
+    source = model_cfg.pretrained
+    if source is None:
+        return upcycle(vit, moe_cfg, copy_ffn=False)
+    state = load_state_dict_file(source, trust_checkpoint) if Path(source).exists() else None
+    if state is None:
+        if "/" in source or source.endswith((".pth", ".pt", ".bin", ".safetensors")):
+            raise ConfigError(f"model.pretrained: file {source!r} does not exist")
+        state = _timm_hub_state_dict(source, vit)
+    if any(".experts.fc1_weight" in k for k in state):
+        model = upcycle(vit, moe_cfg, copy_ffn=False)
+        _load_matching(model, state, source, strict_moe=True)
+        return model
+    state = timm.models.vision_transformer.checkpoint_filter_fn(state, vit)
+    _load_matching(vit, state, source, strict_moe=False)
+    return upcycle(vit, moe_cfg, copy_ffn=True)
+
+
+def load_state_dict_file(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    """Reads weights we did not write safely: safetensors, or torch.load(weights_only=True) unless trusted."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    except Exception as e:  # a pickle with objects, a truncated file, not a checkpoint at all
+        hint = "" if trust_checkpoint else " (if you trust it, pass run.trust_checkpoint=true)"
+        raise ConfigError(f"model.pretrained: cannot load {str(path)!r}: {type(e).__name__}{hint}") from None
+    for key in ("model", "state_dict", "module", "teacher"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.pretrained: {str(path)!r} holds no state dict")
+    # DINOv2 teacher checkpoints prefix the backbone
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    return state
+
+
+def _timm_hub_state_dict(name: str, like: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights of a timm model name from the hub (needs network access)."""
+    try:
+        dense = timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as e:
+        raise ConfigError(f"model.pretrained: {name!r} is no file and could not be fetched from timm: {e}") from None
+    return dense.state_dict()
+
+
+def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str, strict_moe: bool) -> None:
+    """Loads what fits; a classifier head of another size is skipped with a warning (fine-tuning on new classes)."""
+    own = model.state_dict()
+    state = dict(state)
+    for key in [k for k in state if k.startswith("head.")]:
+        if key in own and own[key].shape != state[key].shape:
+            warnings.warn(
+                f"model.pretrained: {key} has shape {tuple(state[key].shape)}, the model's is "
+                f"{tuple(own[key].shape)}: the head stays freshly initialised",
+                stacklevel=2,
+            )
+            del state[key]
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if mismatched:
+        k = mismatched[0]
+        raise ConfigError(
+            f"model.pretrained: {source!r} does not fit the model: {k} is {tuple(state[k].shape)}, "
+            f"the model's is {tuple(own[k].shape)}"
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if strict_moe and (missing or unexpected):
+        k = (missing or unexpected)[0]
+        raise ConfigError(
+            f"model.pretrained: {source!r} does not fit the model: {'missing' if missing else 'unexpected'} key {k}"
+        )
+    if missing:
+        log.warning("model.pretrained: %d keys not in %s (e.g. %s)", len(missing), source, missing[0])
+
+
+def moe_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """Block index -> MoE FFN (ours or a reference impl), in block order."""
+    blocks = getattr(model, "blocks", [])
+    return {i: b.mlp for i, b in enumerate(blocks) if hasattr(b.mlp, "aux_loss")}
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the MoE layers' auxiliary losses from the last forward."""
+    losses = [m.aux_loss for m in moe_layers(model).values()]
+    return torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).sum() if losses else torch.zeros(())

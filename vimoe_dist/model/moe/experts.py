@@ -1,0 +1,59 @@
+"""A bank of FFN experts with stacked weights, run on rows already sorted by expert.
+
+Shape legend: E experts (local ones, once expert parallelism has sharded the bank), D model dim, H hidden dim,
+X rows in expert-major order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupedExperts(nn.Module):
+    """E two-layer GELU FFNs (timm `Mlp` each) whose weights are stacked, so that slicing a shard of experts or
+    copying one dense FFN into all of them is a tensor operation.
+
+    The forward runs one matmul pair per expert on that expert's contiguous slice of rows (sizes may differ: this is
+    what makes dropless routing cost exactly the routed rows, and it is torchtitan's for-loop path). No row is
+    padded and no dense [T, E, C] tensor is ever built.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden_dim))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, dim))
+        self.act = act_layer()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # timm's ViT init for Linear layers: truncated normal std 0.02, zero bias; independent per expert
+        nn.init.trunc_normal_(self.fc1_weight, std=0.02)
+        nn.init.trunc_normal_(self.fc2_weight, std=0.02)
+        nn.init.zeros_(self.fc1_bias)
+        nn.init.zeros_(self.fc2_bias)
+
+    @torch.no_grad()
+    def copy_from_mlp(self, mlp: nn.Module, out_scale: float = 1.0) -> None:
+        """Every expert becomes a copy of a timm `Mlp` (sparse upcycling, Komatsuzaki et al. 2023); `out_scale`
+        scales the output projection (0.5 when a shared expert takes the other half)."""
+        self.fc1_weight.copy_(mlp.fc1.weight.expand_as(self.fc1_weight))
+        self.fc1_bias.copy_(mlp.fc1.bias.expand_as(self.fc1_bias))
+        self.fc2_weight.copy_((mlp.fc2.weight * out_scale).expand_as(self.fc2_weight))
+        self.fc2_bias.copy_((mlp.fc2.bias * out_scale).expand_as(self.fc2_bias))
+
+    def forward(self, x_XD: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
+        sizes = counts_E.tolist() if torch.is_tensor(counts_E) else list(counts_E)
+        outs = []
+        # empty slices run too (they cost nothing): every expert's weights then get a (zero) gradient on every rank
+        for e, x in enumerate(torch.split(x_XD, sizes)):
+            h = self.act(F.linear(x, self.fc1_weight[e], self.fc1_bias[e]))
+            outs.append(F.linear(h, self.fc2_weight[e], self.fc2_bias[e]))
+        return torch.cat(outs)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"
