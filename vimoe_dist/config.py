@@ -125,6 +125,8 @@ class DataConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     crop_pct: float = 0.875
+    color_jitter: float = 0.0  # timm's color jitter strength (it is off whenever auto_augment is set)
+    interpolation: str = "bicubic"  # resize interpolation: bicubic | bilinear | nearest | random
 
 
 @dataclass
@@ -376,6 +378,19 @@ def validate(cfg: Config) -> None:
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     if not 0 <= d.max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {d.max_bad_fraction!r}")
+    _positive("data.prefetch", d.prefetch)
+    _positive("data.shuffle_buffer", d.shuffle_buffer, allow_zero=True)
+    if not 0 < d.scale[0] <= d.scale[1] <= 1:
+        raise ConfigError(f"data.scale: must be 0 < min <= max <= 1, got {list(d.scale)!r}")
+    if not 0 <= d.hflip <= 1:
+        raise ConfigError(f"data.hflip: must be a probability in [0, 1], got {d.hflip!r}")
+    for key in ("mixup", "cutmix", "color_jitter"):
+        _positive(f"data.{key}", getattr(d, key), allow_zero=True)
+    if not 0 < d.crop_pct <= 1:
+        raise ConfigError(f"data.crop_pct: must be in (0, 1], got {d.crop_pct!r}")
+    if any(s <= 0 for s in d.std):
+        raise ConfigError(f"data.std: every value must be > 0, got {list(d.std)!r}")
+    _choice("data.interpolation", d.interpolation, ("bicubic", "bilinear", "nearest", "random"))
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError(f"metrics.port: {cfg.metrics.port} is not a TCP port (0 turns the endpoint off)")
     if not cfg.metrics.addr.strip():

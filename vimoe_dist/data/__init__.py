@@ -12,6 +12,9 @@ _EXPORTS = {
     "write_digits": "vimoe_dist.data.digits",
     "read_manifest": "vimoe_dist.data.manifest",
     "Manifest": "vimoe_dist.data.manifest",
+    "build_train_loader": "vimoe_dist.data.loader",
+    "build_val_loader": "vimoe_dist.data.loader",
+    "micro_batch_size": "vimoe_dist.data.loader",
 }
 
 __all__ = sorted(_EXPORTS)
