@@ -1,9 +1,10 @@
-"""`vimoe data ...`: the shard writers. Heavy imports happen inside the handlers."""
+"""`vimoe data ...`: the shard writers and the manifest scanner. Heavy imports happen inside the handlers."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,16 +13,90 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = data.add_parser("digits", help="scikit-learn's 8x8 digits, fixed stratified 80/20 split (the demo data)")
     d.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards and manifests")
-    d.add_argument("--max-count", type=int, default=120, help="samples per shard")
+    d.add_argument("--max-count", type=int, default=120, help="samples per shard (default 120: 12 train shards)")
     d.set_defaults(func=_digits)
+
+    f = data.add_parser("from-folder", help="an ImageFolder tree SRC/{train,val}/<class>/<image> to shards")
+    f.add_argument("src", metavar="SRC", help="root holding train/ (and val/) with one directory per class")
+    f.add_argument("--out", required=True, metavar="DIR")
+    f.add_argument("--max-count", type=int, default=1000, help="at most this many samples per shard")
+    f.add_argument("--max-size", type=float, default=1e9, help="at most about this many bytes per shard")
+    f.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
+    f.add_argument("--seed", type=int, default=0, help="seed of the one-time shuffle of the train samples")
+    f.add_argument("--no-shuffle", action="store_true", help="keep the train samples in sorted (class) order")
+    f.set_defaults(func=_from_folder)
+
+    s = data.add_parser("synthetic", help="learnable synthetic images (class-dependent gratings) as JPEG")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--classes", type=int, default=10)
+    s.add_argument("--images", type=int, default=1000, help="train images")
+    s.add_argument("--val-images", type=int, default=None, help="val images (default: a tenth)")
+    s.add_argument("--size", type=int, default=64, metavar="PX", help="image side in pixels")
+    s.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    s.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_synthetic)
+
+    m = data.add_parser("manifest", help="count the samples and labels of existing shards into a manifest")
+    m.add_argument("shards", nargs="+", help="shard patterns (brace patterns, globs, paths, URLs)")
+    m.add_argument("--out", required=True, metavar="FILE", help="manifest to write, e.g. DIR/train.json")
+    m.add_argument("--split", default="", help="split name stored in the manifest")
+    m.add_argument("--allow-pipe", action="store_true", help="allow 'pipe:' shard sources")
+    m.set_defaults(func=_manifest)
 
 
 def _summary(manifests: dict) -> None:
     print(json.dumps({name: {"shards": len(m.shards), "samples": m.num_samples} for name, m in manifests.items()}))
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    from vimoe_dist.errors import UserError
+
+    for name in ("max_count", "workers"):
+        if getattr(args, name, 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
 def _digits(args: argparse.Namespace) -> int:
     from vimoe_dist.data.digits import write_digits
 
+    _check_counts(args)
     _summary(write_digits(args.out, max_count=args.max_count, progress=True))
+    return 0
+
+
+def _from_folder(args: argparse.Namespace) -> int:
+    from vimoe_dist.data.folder import write_from_folder
+
+    _check_counts(args)
+    manifests = write_from_folder(
+        args.src, args.out, max_count=args.max_count, max_size=args.max_size, num_procs=args.workers,
+        seed=args.seed, shuffle=not args.no_shuffle,
+    )  # fmt: skip
+    _summary(manifests)
+    return 0
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    from vimoe_dist.data.synthetic import write_synthetic
+
+    _check_counts(args)
+    manifests = write_synthetic(
+        args.out, num_classes=args.classes, num_images=args.images, size=args.size, num_val=args.val_images,
+        max_count=args.max_count, num_procs=args.workers, seed=args.seed,
+    )  # fmt: skip
+    _summary(manifests)
+    return 0
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vimoe_dist.data.scan import scan_shards
+    from vimoe_dist.data.sources import expand_shards
+
+    urls = expand_shards(list(args.shards), "shards", args.allow_pipe)
+    manifest = scan_shards(urls, split=args.split, relative_to=Path(args.out).parent)
+    manifest.write(args.out)
+    _summary({args.split or "shards": manifest})
     return 0
