@@ -26,14 +26,10 @@ from dataclasses import dataclass
 
 from vimoe_dist.errors import UserError
 from vimoe_dist.launch.hostlist import expand_tasks_per_node, first_host
+from vimoe_dist.launch.rendezvous import slurm_master_port
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SOURCES = ("single", "torchrun", "deepspeed", "slurm")
-
-# Slurm jobs derive their port from the job id within [BASE, BASE + SPAN): below Linux's ephemeral range
-# (32768-60999), so an outgoing connection never holds it, and a requeued job (same id) gets the same port.
-SLURM_PORT_BASE = 20000
-SLURM_PORT_SPAN = 12000
 
 
 @dataclass(frozen=True)
@@ -103,11 +99,6 @@ def export_env(env: DistEnv, environ: MutableMapping[str, str] | None = None) ->
             "MASTER_PORT": str(env.master_port),
         }
     )
-
-
-def slurm_master_port(job_id: int) -> int:
-    """The rendezvous port of Slurm job `job_id`, the same on every task and across requeues."""
-    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
 
 
 def _from_launcher(environ: Mapping[str, str]) -> DistEnv:
