@@ -335,3 +335,20 @@ def test_plain_sbatch_example_is_valid_bash():
     subprocess.run(["bash", "-n", str(example)], check=True)
     text = example.read_text()
     assert "#SBATCH --signal=USR1@" in text and "scontrol requeue" in text and "srun" in text
+
+
+def test_container_python_and_srun_args_for_pyxis_and_apptainer():
+    job = SlurmJob(
+        command=train_argv("apptainer exec --nv '/img s/v.sif' python", "c.yaml", []),
+        srun_args=["--container-image=reg#vimoe:1", "--container-mounts=/data:/data"],
+    )
+    script = render_sbatch(job, default_template().read_text())
+    line = next(x for x in script.splitlines() if x.startswith("srun "))
+    assert shlex.split(line) == [
+        "srun", "--kill-on-bad-exit=1", "--container-image=reg#vimoe:1", "--container-mounts=/data:/data",
+        "apptainer", "exec", "--nv", "/img s/v.sif", "python", "-m", "vimoe_dist", "train", "--config", "c.yaml",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match="--srun-arg"):
+        render_sbatch(SlurmJob(command=["x"], srun_args=["container"]), default_template().read_text())
+    with pytest.raises(UserError, match="--python"):
+        train_argv("python 'unclosed", "c.yaml", [])

@@ -108,6 +108,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=VALUE",
         help="export before srun (repeatable), e.g. NCCL_DEBUG=WARN",
     )
+    sl.add_argument(
+        "--srun-arg",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="extra srun option (repeatable), e.g. --srun-arg=--container-image=IMAGE for pyxis",
+    )
     sl.add_argument("--log-dir", help="Slurm output directory (default: <run.out_dir>/slurm)")
     sl.add_argument("--workdir", help="working directory of the job (default: the current one)")
     sl.add_argument("--template", metavar="FILE", help="sbatch template (default: launcher/slurm/vimoe.sbatch.tmpl)")
@@ -123,7 +130,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the command line and do not run it")
     parser.add_argument(
-        "--python", default=sys.executable, help="interpreter for the launcher and the ranks (default: this one)"
+        "--python",
+        default=shlex.quote(sys.executable),
+        help="interpreter command for the launcher and the ranks, e.g. 'apptainer exec --nv vimoe.sif python' "
+        "(default: this one)",
     )
 
 
@@ -218,6 +228,7 @@ def _slurm(args: argparse.Namespace) -> int:
         requeue=not args.no_requeue,
         extra_sbatch=args.sbatch,
         env=args.env,
+        srun_args=args.srun_arg,
     )
     template = Path(args.template) if args.template else default_template()
     try:

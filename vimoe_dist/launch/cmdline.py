@@ -2,11 +2,13 @@
 `vimoe train`. Each builder returns an argv list; `vimoe launch` prints it with `shlex.join` and runs exactly that.
 
 Every launcher is started as `python -m <module>` with the caller's interpreter, so the ranks run in the same
-environment as `vimoe launch` whatever is first on PATH.
+environment as `vimoe launch` whatever is first on PATH. `python` is a shell-quoted command, so a container wrapper
+works too (`apptainer exec --nv vimoe.sif python`).
 """
 
 from __future__ import annotations
 
+import shlex
 import socket
 from collections.abc import Sequence
 
@@ -17,7 +19,18 @@ DEEPSPEED_BACKENDS = ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi")
 
 def train_argv(python: str, config: str, overrides: Sequence[str]) -> list[str]:
     """One rank of the job: `python -m vimoe_dist train --config FILE key=value ...`."""
-    return [python, "-m", "vimoe_dist", *train_args(config, overrides)]
+    return [*python_argv(python), "-m", "vimoe_dist", *train_args(config, overrides)]
+
+
+def python_argv(python: str) -> list[str]:
+    """The interpreter command, split like a shell would (`apptainer exec --nv img.sif python` is three words)."""
+    try:
+        argv = shlex.split(python)
+    except ValueError as e:
+        raise UserError(f"--python {python!r}: {e}") from None
+    if not argv:
+        raise UserError("--python is empty")
+    return argv
 
 
 def train_args(config: str, overrides: Sequence[str]) -> list[str]:
@@ -40,7 +53,7 @@ def build_torchrun(
     _check_positive("--nproc", nproc)
     if max_restarts < 0:
         raise UserError(f"--max-restarts={max_restarts} must be at least 0")
-    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1"]
+    cmd = [*python_argv(python), "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1"]
     if master_port is None:
         cmd.append("--standalone")
     else:
@@ -58,7 +71,7 @@ def build_deepspeed_local(
     _check_positive("--nproc", nproc)
     port = free_port() if master_port is None else _port(master_port)
     return [
-        python, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", "--master_addr=127.0.0.1",
+        *python_argv(python), "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", "--master_addr=127.0.0.1",
         f"--master_port={port}", "--module", "vimoe_dist", *train_args(config, overrides),
     ]  # fmt: skip
 
@@ -95,7 +108,7 @@ def build_deepspeed_hostfile(
         raise UserError("--node-rank is only meaningful with --no-ssh")
     if no_ssh and not master_addr:
         raise UserError("--no-ssh needs --master-addr (the address of the hostfile's first node)")
-    cmd = [python, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}"]
+    cmd = [*python_argv(python), "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}"]
     if include:
         cmd.append(f"--include={include}")
     if exclude:

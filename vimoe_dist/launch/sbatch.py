@@ -55,6 +55,7 @@ class SlurmJob:
     requeue: bool = True
     extra_sbatch: list[str] = field(default_factory=list)  # "key=value" or "flag" -> "#SBATCH --key=value"
     env: list[str] = field(default_factory=list)  # "NAME=VALUE" exported before srun
+    srun_args: list[str] = field(default_factory=list)  # e.g. pyxis' --container-image=...
 
     @property
     def num_tasks_per_node(self) -> int:
@@ -149,6 +150,9 @@ def _validate(job: SlurmJob) -> None:
         name, sep, _ = entry.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_]\w*", name):
             raise UserError(f"--env {entry!r}: expected NAME=VALUE")
+    for arg in job.srun_args:
+        if not arg.startswith("-"):
+            raise UserError(f"--srun-arg {arg!r}: expected an srun option, e.g. --container-image=IMAGE")
     for entry in job.extra_sbatch:
         if not re.fullmatch(r"[a-z][a-z-]*(=.*)?", entry):
             raise UserError(f"--sbatch {entry!r}: expected an sbatch option without dashes, e.g. mem=32G or exclusive")
@@ -198,4 +202,5 @@ def _exports(job: SlurmJob) -> list[str]:
 
 def _srun_args(job: SlurmJob) -> Sequence[str]:
     # srun of Slurm 22.05 to 23.02 does not inherit --cpus-per-task from sbatch: pass it on explicitly
-    return [f"--cpus-per-task={job.cpus_per_task}"] if job.cpus_per_task is not None else []
+    args = [f"--cpus-per-task={job.cpus_per_task}"] if job.cpus_per_task is not None else []
+    return [*args, *(shlex.quote(arg) for arg in job.srun_args)]
