@@ -25,6 +25,8 @@ def importance_loss(probs_GUE: torch.Tensor) -> torch.Tensor:
 def load_loss(logits_GUE: torch.Tensor, noisy_logits_GUE: torch.Tensor, top_k: int, noise_std: float) -> torch.Tensor:
     """CV^2 of each expert's smooth load: the probability, under the gate noise, that the expert is among a unit's
     top-k (Shazeer et al. 2017; the V-MoE form, Riquelme et al. 2021). Needs noise_std > 0."""
+    if top_k >= logits_GUE.shape[-1]:  # every expert is always chosen: the load is flat and there is no (k+1)-th value
+        return logits_GUE.new_zeros(())
     top_vals = noisy_logits_GUE.topk(top_k + 1, dim=-1).values
     in_top = noisy_logits_GUE >= top_vals[..., top_k - 1 : top_k]
     # an expert in the top-k must beat the (k+1)-th value; one outside must beat the k-th

@@ -9,6 +9,8 @@ from torch import nn
 
 from vimoe_dist.model.moe.routers.base import Routing, SoftRouting, SparseRouting, capacity
 from vimoe_dist.model.moe.routers.expert_choice import ExpertChoice, ExpertChoiceSinkhorn
+from vimoe_dist.model.moe.routers.soft import SoftMoE
+from vimoe_dist.model.moe.routers.sparse_ot import ExpertChoiceSparse
 from vimoe_dist.model.moe.routers.token_choice import TokenChoiceSinkhorn, TokenChoiceTopK
 
 ROUTERS: dict[str, type[nn.Module]] = {
@@ -16,6 +18,8 @@ ROUTERS: dict[str, type[nn.Module]] = {
     "tc-sinkhorn": TokenChoiceSinkhorn,
     "ec-softmax": ExpertChoice,
     "ec-sinkhorn": ExpertChoiceSinkhorn,
+    "ec-sparse": ExpertChoiceSparse,
+    "soft": SoftMoE,
 }
 
 

@@ -36,6 +36,8 @@ class ExpertChoice(nn.Module):
         **loss_weights: float,
     ) -> None:
         super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k: {top_k} must be between 1 and num_experts={num_experts}")
         if capacity_factor is None:
             raise ValueError("capacity_factor: expert choice needs a capacity (null means dropless token choice)")
         self.gate = LinearGate(dim, num_experts)
@@ -44,8 +46,8 @@ class ExpertChoice(nn.Module):
         self.eval_capacity_factor = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
         self.aux = AuxLossWeights(**loss_weights)
 
-    def selection_scores(self, logits_GUE: torch.Tensor, probs_GUE: torch.Tensor) -> torch.Tensor:
-        """Scores by which experts pick units; subclasses balance them first."""
+    def selection_scores(self, logits_GUE: torch.Tensor, probs_GUE: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Scores by which experts pick their `capacity` units; subclasses balance them first."""
         return probs_GUE
 
     def forward(self, x: torch.Tensor) -> SparseRouting:
@@ -56,7 +58,7 @@ class ExpertChoice(nn.Module):
         probs_GUE = logits_GUE.softmax(-1)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         cap = capacity(U, E, self.top_k, cf, self.min_capacity)
-        scores_GEU = self.selection_scores(logits_GUE, probs_GUE).transpose(1, 2)
+        scores_GEU = self.selection_scores(logits_GUE, probs_GUE, cap).transpose(1, 2)
         unit_GEC = scores_GEU.topk(cap, dim=-1).indices
         weight_GEC = probs_GUE.transpose(1, 2).gather(-1, unit_GEC)
         group = torch.arange(G, device=x.device)[:, None, None]
@@ -88,5 +90,5 @@ class ExpertChoiceSinkhorn(ExpertChoice):
         super().__init__(dim, num_experts, **kw)
         self.sinkhorn_iters = sinkhorn_iters
 
-    def selection_scores(self, logits_GUE: torch.Tensor, probs_GUE: torch.Tensor) -> torch.Tensor:
+    def selection_scores(self, logits_GUE: torch.Tensor, probs_GUE: torch.Tensor, capacity: int) -> torch.Tensor:
         return sinkhorn_log(logits_GUE, self.sinkhorn_iters)

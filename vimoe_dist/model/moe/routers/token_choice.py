@@ -66,6 +66,8 @@ class TokenChoiceTopK(nn.Module):
         probs_GUE = noisy_GUE.softmax(-1)
         choice_GUK = self.selection_logits(noisy_GUE).topk(K, dim=-1).indices
         gates_GUK = probs_GUE.gather(-1, choice_GUK)
+        # BPR priority is the raw top gate: after renormalisation every k=1 gate is 1 and the order would be lost
+        priority_GU = gates_GUK[..., 0].detach()
         if self.renormalize:
             gates_GUK = gates_GUK / gates_GUK.sum(-1, keepdim=True)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -73,7 +75,7 @@ class TokenChoiceTopK(nn.Module):
 
         # priority order of units within each group
         if self.bpr:
-            order_GU = torch.argsort(gates_GUK[..., 0].detach(), dim=1, descending=True, stable=True)
+            order_GU = torch.argsort(priority_GU, dim=1, descending=True, stable=True)
         else:
             order_GU = torch.arange(U, device=x.device).expand(G, U)
         choice_GKU = choice_GUK.gather(1, order_GU[..., None].expand(G, U, K)).transpose(1, 2)
