@@ -11,7 +11,14 @@ from vimoe_dist import __version__
 from vimoe_dist.errors import UserError
 
 # modules with `register(subparsers)`; importing them must stay cheap (no torch at import time)
-COMMAND_MODULES = ("vimoe_dist.commands", "vimoe_dist.data.cli", "vimoe_dist.launch.cli", "vimoe_dist.metrics.commands")
+COMMAND_MODULES = (
+    "vimoe_dist.commands",
+    "vimoe_dist.train.cli",
+    "vimoe_dist.data.cli",
+    "vimoe_dist.launch.cli",
+    "vimoe_dist.metrics.commands",
+    "vimoe_dist.analysis.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,40 @@
+"""Process-group setup: the job resolves its own environment, then DeepSpeed initialises torch.distributed."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+
+from vimoe_dist.config import Config
+from vimoe_dist.dist.env import DistEnv, export_env, resolve_env
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed(cfg: Config) -> DistEnv:
+    """Resolves rank/world/master from Slurm or launcher variables and initialises the process group.
+
+    The collective timeout comes from `parallel.timeout_s`: a dead or hung rank ends the job within it instead of
+    leaving the others waiting forever in an all-to-all (NCCL also needs async error handling for that).
+    """
+    import deepspeed
+
+    env = resolve_env()
+    export_env(env)
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
+        verbose=False,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+    return env

@@ -1,0 +1,37 @@
+"""Evaluation over the whole validation set exactly once: sharded over ranks, sums reduced over all of them."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """top-1, top-5, mean loss and image count. Every rank must call it (the MoE all-to-all is a collective in every
+    forward); padding samples (`valid` False) run through the model but are not counted."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, images
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True).to(dtype)
+        labels = batch["label"].to(device, non_blocking=True)
+        valid = batch.get("valid")
+        valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid.to(device)
+        logits = model(images)
+        logits = (logits[0] if isinstance(logits, tuple) else logits).float()
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        hit = top == labels[:, None]
+        v = valid.to(torch.float64)
+        sums[0] += (hit[:, 0].double() * v).sum()
+        sums[1] += (hit.any(-1).double() * v).sum()
+        sums[2] += (F.cross_entropy(logits, labels, reduction="none").double() * v).sum()
+        sums[3] += v.sum()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train(was_training)
+    n = max(sums[3].item(), 1.0)
+    return {"top1": sums[0].item() / n, "top5": sums[1].item() / n, "loss": sums[2].item() / n, "images": int(sums[3])}

@@ -1,0 +1,395 @@
+"""The training job, top to bottom: setup, build, parallelize, engine, resume, loop, evaluate, checkpoint.
+
+One process is one rank; the same code serves every launcher:
+
+    vimoe train --config configs/digits.yaml                                   # one process
+    deepspeed --num_gpus 2 --module vimoe_dist train --config configs/digits.yaml
+    torchrun --nproc-per-node 2 -m vimoe_dist train --config configs/digits.yaml
+    srun python -m vimoe_dist train --config configs/digits.yaml               # inside an sbatch script
+    vimoe launch local|hostfile|slurm ... --config FILE [key=value ...]        # builds one of the above
+
+Rerunning a command on an existing `run.out_dir` resumes from its latest complete checkpoint (`run.resume: auto`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vimoe_dist.config import Config, ConfigError, save_config
+from vimoe_dist.errors import UserError
+from vimoe_dist.train.signals import EXIT_REQUEUE, StopRequest
+
+log = logging.getLogger("vimoe.train")
+
+
+def train(cfg: Config) -> int:
+    import deepspeed
+
+    from vimoe_dist.data import build_train_loader, build_val_loader
+    from vimoe_dist.dist.ds_config import build_ds_config
+    from vimoe_dist.dist.init import init_distributed
+    from vimoe_dist.dist.parallelize import parallelize
+    from vimoe_dist.metrics import build_metrics
+    from vimoe_dist.model import build_model
+    from vimoe_dist.train import checkpoint
+    from vimoe_dist.train.optim import build_optimizer, build_scheduler
+
+    # --- setup: who am I, is the layout possible, where does the run live
+    check_config(cfg)
+    stop = StopRequest()
+    env = init_distributed(cfg)
+    rank, world = env.rank, env.world_size
+    setup_logging(rank)
+    check_layout(cfg, world)
+    run_dir = prepare_run_dir(cfg, rank)
+    ckpt_root = run_dir / "checkpoints"
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    # fail on bad data paths before building anything
+    resume_tag = find_resume(cfg, ckpt_root)
+    val_loader = build_val_loader(cfg, rank, world) if cfg.data.val else None
+
+    # --- build: identical initial weights on every rank
+    seed_everything(cfg.run.seed)
+    model = build_model(cfg.model, trust_checkpoint=cfg.run.trust_checkpoint)
+
+    # --- parallelize: experts sharded, all-to-all dispatch, DeepSpeed expert groups
+    model = parallelize(model, cfg.parallel.ep_size)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+
+    # --- engine
+    ds_config = build_ds_config(cfg, world)
+    if rank == 0:
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.parallel.precision, torch.float32)
+
+    # --- resume: weights, optimizer, step, data position, metric totals
+    start_step, rank_state = 0, {}
+    if resume_tag is not None:
+        start_step, rank_state = resume(engine, cfg, resume_tag, rank, world)
+    train_loader = build_train_loader(cfg, rank, world, start_step=start_step, state=rank_state.get("data"))
+    metrics = build_metrics(
+        cfg, rank=rank, local_rank=env.local_rank, world_size=world, run_dir=run_dir,
+        total_steps=cfg.train.steps, start_step=start_step,
+    )  # fmt: skip
+    if rank_state.get("metrics"):
+        metrics.load_state_dict(rank_state["metrics"])
+    criterion = build_criterion(cfg)
+    moe = {i: m for i, m in enumerate(engine.module.blocks) if hasattr(m.mlp, "aux_loss")}
+    monitor = RoutingMonitor(cfg, moe)
+
+    def save(step: int) -> None:
+        t0 = time.perf_counter()
+        client = {"step": step, "ep_size": cfg.parallel.ep_size, "world_size": world}
+        rank_file = {"data": train_loader.state_dict(), "metrics": metrics.state_dict(), "step": step}
+        checkpoint.save(engine, ckpt_root, step, client, rank_file, cfg.train.keep_checkpoints)
+        metrics.on_checkpoint(step, time.perf_counter() - t0)
+
+    def run_eval(step: int) -> dict | None:
+        if val_loader is None:
+            return None
+        result = evaluate(engine, val_loader, device, dtype)
+        metrics.on_eval({"step": step, "eval_top1": result["top1"], "eval_top5": result["top5"],
+                         "eval_loss": result["loss"], "images": result["images"]})  # fmt: skip
+        return result
+
+    # --- loop
+    t = cfg.train
+    step, bad_steps, images_seen = start_step, 0, 0
+    loss_sum = torch.zeros((), device=device)
+    loss_count, interval_t0 = 0, time.perf_counter()
+    batches = iter(train_loader)
+    try:
+        while step < t.steps:
+            step_t0 = time.perf_counter()
+            seed_step(cfg.run.seed, step, rank)
+            data_wait, skipped = 0.0, False
+            for _ in range(t.grad_accum):
+                t_wait = time.perf_counter()
+                batch = next(batches)
+                data_wait += time.perf_counter() - t_wait
+                images = batch["image"].to(device, non_blocking=True).to(dtype)
+                target = batch.get("target", batch["label"]).to(device, non_blocking=True)
+                logits = engine(images)
+                loss = criterion(logits.float(), target) + monitor.aux_loss()
+                # every rank must agree to skip a bad step (the gradient all-reduce is collective)
+                stop_flag = torch.tensor(float(stop.requested), device=device)
+                flags = torch.stack([(~torch.isfinite(loss.detach())).float(), stop_flag])
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                bad, stop_now = flags.tolist()
+                if bad:
+                    skipped = True
+                    break
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach()
+                loss_count += 1
+                images_seen += images.shape[0]
+            step += 1
+            if skipped:
+                bad_steps += 1
+                layer = monitor.bad_router()
+                where = f" (router of MoE block {layer} is not finite)" if layer is not None else ""
+                log.warning("step %d: non-finite loss, update skipped%s", step, where)
+                metrics.on_event("nonfinite_loss", step=step, layer=layer)
+                if bad_steps > t.max_bad_steps:
+                    raise UserError(f"train.max_bad_steps: {bad_steps} consecutive non-finite losses at step {step}")
+            else:
+                bad_steps = 0
+            scheduler.step_update(step)
+            monitor.accumulate()
+            metrics.on_step(step, images=images.shape[0] * t.grad_accum, step_seconds=time.perf_counter() - step_t0,
+                            data_wait_seconds=data_wait, alltoall_seconds=monitor.take_alltoall_seconds())  # fmt: skip
+
+            if step % t.log_every == 0 or step == t.steps:
+                elapsed = time.perf_counter() - interval_t0
+                mean_loss = loss_sum / max(loss_count, 1)
+                dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG if dist.get_backend() != "gloo" else dist.ReduceOp.SUM)
+                if dist.get_backend() == "gloo":
+                    mean_loss /= world
+                grad_norm = engine.get_global_grad_norm()
+                record = {
+                    "step": step,
+                    "loss": mean_loss.item(),
+                    "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
+                    "images_per_sec": images_seen * world / max(elapsed, 1e-9),
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "step_seconds": elapsed / max(loss_count / t.grad_accum, 1),
+                    "data_wait_seconds": data_wait,
+                    "bad_samples": train_loader.num_bad,
+                    "moe": monitor.report(step, metrics),
+                }
+                metrics.on_log(record)
+                loss_sum.zero_()
+                loss_count, images_seen, interval_t0 = 0, 0, time.perf_counter()
+            if stop_now:
+                log.warning("rank %d: %s received, checkpointing at step %d and exiting for requeue", rank,
+                            stop.signal_name or "stop request from another rank", step)  # fmt: skip
+                save(step)
+                metrics.close()
+                return EXIT_REQUEUE
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                run_eval(step)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
+                save(step)
+
+        # --- the end: final evaluation and checkpoint
+        result = run_eval(step)
+        if start_step < t.steps or checkpoint.latest_tag(ckpt_root) != checkpoint.tag_for(step):
+            save(step)
+        if rank == 0 and result is not None:
+            (run_dir / "eval.json").write_text(json.dumps(result) + "\n")
+            log.info("final top-1 %.4f top-5 %.4f loss %.4f on %d images; run directory %s",
+                     result["top1"], result["top5"], result["loss"], result["images"], run_dir)  # fmt: skip
+        metrics.close()
+        return 0
+    except RuntimeError as e:
+        if _is_collective_failure(e):
+            log.error("rank %d: a collective failed or timed out after %.0f s (another rank died or hung): %s",
+                      rank, cfg.parallel.timeout_s, str(e).splitlines()[0])  # fmt: skip
+            metrics.close()
+            return 1
+        raise
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def check_config(cfg: Config) -> None:
+    if cfg.data.train is None:
+        raise ConfigError("data.train: no training shards configured")
+    if cfg.parallel.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("parallel.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+
+
+def check_layout(cfg: Config, world: int) -> None:
+    """The parallel layout must divide evenly; checked before any work starts."""
+    p, t, moe = cfg.parallel, cfg.train, cfg.model.moe
+    if world % p.ep_size:
+        raise ConfigError(f"parallel.ep_size: {p.ep_size} does not divide the world size {world}")
+    if t.global_batch_size % (world * t.grad_accum):
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by world size {world} x "
+            f"train.grad_accum {t.grad_accum}"
+        )
+    micro = t.global_batch_size // (world * t.grad_accum)
+    if micro % moe.group_size:
+        raise ConfigError(
+            f"model.moe.group_size: {moe.group_size} does not divide the per-rank micro-batch of {micro} images "
+            f"(train.global_batch_size {t.global_batch_size} / {world} ranks / {t.grad_accum} accumulation)"
+        )
+
+
+def prepare_run_dir(cfg: Config, rank: int) -> Path:
+    run_dir = Path(cfg.run.out_dir)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_test_{rank}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run.out_dir: cannot write to {str(run_dir)!r} ({e.strerror})") from None
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def find_resume(cfg: Config, ckpt_root: Path) -> tuple[Path, str] | None:
+    from vimoe_dist.train import checkpoint
+
+    mode = cfg.run.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        tag = checkpoint.latest_tag(ckpt_root)
+        return (ckpt_root, tag) if tag else None
+    return checkpoint.resolve_checkpoint(mode)
+
+
+def resume(engine, cfg: Config, where: tuple[Path, str], rank: int, world: int) -> tuple[int, dict]:
+    """Loads weights (any ep_size: experts are stored one per file), optimizer state when the expert layout is
+    unchanged, and this rank's data position and metric totals when the world size is unchanged."""
+    from vimoe_dist.train import checkpoint
+
+    root, tag = where
+    client_path = root / tag / "mp_rank_00_model_states.pt"
+    saved = torch.load(client_path, map_location="cpu", weights_only=False) if client_path.is_file() else {}
+    same_ep = saved.get("ep_size") == cfg.parallel.ep_size
+    if not same_ep and rank == 0:
+        log.warning("resuming %s saved at ep_size %s with ep_size %s: weights reshard, optimizer state restarts",
+                    tag, saved.get("ep_size"), cfg.parallel.ep_size)  # fmt: skip
+    try:
+        _, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=same_ep,
+                                           load_lr_scheduler_states=False, load_module_strict=True)  # fmt: skip
+    except (RuntimeError, KeyError, FileNotFoundError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {str(root / tag)!r} does not fit this model or layout: {msg[:300]}") from None
+    if client is None:
+        raise UserError(f"checkpoint {str(root / tag)!r} could not be loaded")
+    step = int(client["step"])
+    rank_state = checkpoint.load_rank_state(root, tag, rank) if client.get("world_size") == world else None
+    if rank_state is None and rank == 0:
+        log.warning("resuming %s with world size %d (saved with %s): data position re-derived from the step",
+                    tag, world, client.get("world_size"))  # fmt: skip
+    if rank == 0:
+        log.info("resumed from %s at step %d", root / tag, step)
+    return step, rank_state or {}
+
+
+def build_criterion(cfg: Config):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
+        return SoftTargetCrossEntropy()  # targets already carry label smoothing (timm Mixup)
+    if cfg.train.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.train.label_smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def evaluate(engine, val_loader, device, dtype) -> dict:
+    from vimoe_dist.train.evaluate import evaluate as _evaluate
+
+    return _evaluate(engine.module, val_loader, device, dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Randomness of step s (drop-path, router noise) derives from (seed, s, rank) alone: resuming at step s
+    replays exactly what an uninterrupted run would have done, with no RNG state to save."""
+    torch.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _is_collective_failure(e: RuntimeError) -> bool:
+    text = str(e).lower()
+    return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "gloo", "nccl"))
+
+
+class RoutingMonitor:
+    """MoE statistics between two log steps, accumulated on the device without a host sync, plus collapse
+    detection (nearly all tokens to one expert in several consecutive logs)."""
+
+    COLLAPSE_SHARE = 0.9
+    COLLAPSE_LOGS = 3
+
+    def __init__(self, cfg: Config, blocks: dict) -> None:
+        self.layers = {i: b.mlp for i, b in blocks.items()}
+        self.acc: dict[int, dict[str, torch.Tensor]] = {}
+        self.steps = 0
+        self.collapsed_logs = dict.fromkeys(self.layers, 0)
+
+    def aux_loss(self) -> torch.Tensor:
+        losses = [m.aux_loss for m in self.layers.values()]
+        return torch.stack([x.float() for x in losses]).sum() if losses else torch.zeros(())
+
+    def accumulate(self) -> None:
+        for i, m in self.layers.items():
+            s = m.last_stats
+            if not s:
+                continue
+            acc = self.acc.setdefault(i, {k: torch.zeros_like(v, dtype=torch.float64) for k, v in s.items()})
+            for k, v in s.items():
+                acc[k] += v
+        self.steps += 1
+
+    def take_alltoall_seconds(self) -> float:
+        total = 0.0
+        for m in self.layers.values():
+            d = m.dispatcher
+            if hasattr(d, "seconds"):
+                total += d.seconds
+                d.seconds = 0.0
+        return total
+
+    def bad_router(self) -> int | None:
+        for i, m in self.layers.items():
+            w = m.router.gate.weight if hasattr(m.router, "gate") else None
+            if w is not None and not torch.isfinite(w).all():
+                return i
+        return None
+
+    def report(self, step: int, metrics) -> dict:
+        out = {}
+        for i, acc in self.acc.items():
+            tokens = acc["tokens"].tolist()
+            total = sum(tokens)
+            mean = total / max(len(tokens), 1)
+            out[str(i)] = {
+                "tokens": [int(x) for x in tokens],
+                "dropped": int(acc["dropped"].item()),
+                "entropy": acc["entropy"].item() / max(self.steps, 1),
+                "imbalance": max(tokens) / mean if mean else 0.0,
+            }
+            share = max(tokens) / total if total else 0.0
+            self.collapsed_logs[i] = (
+                self.collapsed_logs[i] + 1 if share > self.COLLAPSE_SHARE and len(tokens) > 1 else 0
+            )
+            if self.collapsed_logs[i] == self.COLLAPSE_LOGS:
+                log.warning("step %d: expert collapse in MoE block %d: %.0f%% of tokens go to expert %d",
+                            step, i, 100 * share, tokens.index(max(tokens)))  # fmt: skip
+                metrics.on_event("expert_collapse", step=step, layer=i, share=share)
+        self.acc.clear()
+        self.steps = 0
+        return out
