@@ -39,8 +39,9 @@ install_packages() {
     fi
     log "installing slurmctld slurmd slurm-client munge from Debian packages"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+    # wait for another apt (CI installs other packages too) instead of failing on its lock
+    apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
 }
 
 in_ctl() { ip netns exec "$CTL_NS" env SLURM_CONF="$CONF" "$@"; }

@@ -99,7 +99,7 @@ def test_sbatch_template_requeues_on_usr1_and_resumes(slurm_cluster, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     job = SlurmJob(
-        command=[sys.executable, str(RANK_SCRIPT), str(out), "40", "0.5"],
+        command=[sys.executable, str(RANK_SCRIPT), str(out), "24", "0.5"],
         nodes=2,
         log_dir=str(tmp_path / "logs"),
         workdir=str(tmp_path),
@@ -124,7 +124,7 @@ def test_sbatch_template_requeues_on_usr1_and_resumes(slurm_cluster, tmp_path):
     first = [r for r in records if r["restart"] == "0"]
     second = [r for r in records if r["restart"] == "1"]
     assert len(first) == len(second) == 2, log
-    assert {r["signal"] for r in first} == {10} and 0 < first[0]["end"] < 40, log
-    assert {r["start"] for r in second} == {first[0]["end"]} and {r["end"] for r in second} == {40}, log
+    assert {r["signal"] for r in first} == {10} and 0 < first[0]["end"] < 24, log
+    assert {r["start"] for r in second} == {first[0]["end"]} and {r["end"] for r in second} == {24}, log
     assert {r["master"] for r in records} == {f"vn1:{slurm_master_port(job_id)}"}
     assert "requeueing job" in log

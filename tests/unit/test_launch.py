@@ -243,9 +243,8 @@ def test_sbatch_gpu_job_has_one_task_per_gpu_and_requeues_on_signal():
     assert "--nodes=2" in d and "--ntasks-per-node=8" in d and "--gpus-per-node=8" in d
     assert "--partition=gpu" in d and "--time=4:00:00" in d
     assert "--signal=USR1@300" in d and "--requeue" in d and "--output=/l/%x-%j.out" in d
-    assert "srun --kill-on-bad-exit=1 /opt/py/bin/python -m vimoe_dist train --config '/c fg/x.yaml' train.steps=9" in (
-        script
-    )
+    srun = "srun --kill-on-bad-exit=0 --wait=60 /opt/py/bin/python -m vimoe_dist train"
+    assert f"{srun} --config '/c fg/x.yaml' train.steps=9" in script
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "{{" not in script
 
 
@@ -265,7 +264,7 @@ def test_sbatch_extra_options_environment_and_no_requeue():
 
 def test_sbatch_cpus_per_task_reaches_srun_and_omp():
     script = render(cpus_per_task=6)
-    assert "srun --kill-on-bad-exit=1 --cpus-per-task=6 " in script and "export OMP_NUM_THREADS=6" in script
+    assert "srun --kill-on-bad-exit=0 --wait=60 --cpus-per-task=6 " in script and "export OMP_NUM_THREADS=6" in script
 
 
 def test_rendered_scripts_are_valid_bash(tmp_path):
@@ -345,7 +344,7 @@ def test_container_python_and_srun_args_for_pyxis_and_apptainer():
     script = render_sbatch(job, default_template().read_text())
     line = next(x for x in script.splitlines() if x.startswith("srun "))
     assert shlex.split(line) == [
-        "srun", "--kill-on-bad-exit=1", "--container-image=reg#vimoe:1", "--container-mounts=/data:/data",
+        "srun", "--kill-on-bad-exit=0", "--wait=60", "--container-image=reg#vimoe:1", "--container-mounts=/data:/data",
         "apptainer", "exec", "--nv", "/img s/v.sif", "python", "-m", "vimoe_dist", "train", "--config", "c.yaml",
     ]  # fmt: skip
     with pytest.raises(UserError, match="--srun-arg"):
