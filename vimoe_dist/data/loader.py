@@ -221,6 +221,7 @@ class ValLoader:
                 "label": torch.zeros(b, dtype=torch.long),
                 "valid": torch.zeros(b, dtype=torch.bool),
                 "num_bad": 0,
+                "key": [""] * b,
             }
 
 

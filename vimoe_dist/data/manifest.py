@@ -94,23 +94,45 @@ def is_manifest_file(path: Path) -> bool:
 
 
 def find_manifest(urls: list[str]) -> tuple[Manifest, dict[str, int]] | None:
-    """The manifest that lists every one of `urls` (local shards only), and url -> sample count.
+    """The manifest(s) that list every one of `urls` (local shards only), merged, and url -> sample count.
 
-    Looks at the `*.json` manifests in the directory of the first shard; shards are matched by absolute path.
-    Returns None when no manifest covers them all (remote shards, or shards written by another tool).
+    Looks at the `*.json` manifests in the directories of the shards; shards are matched by absolute path, so a
+    list may mix shards of several splits or directories. Returns None when some shard is in no manifest (remote
+    shards, or shards written by another tool: `vimoe data manifest` writes one).
     """
     if not urls or not all(_is_local(u) for u in urls):
         return None
     wanted = {str(Path(u).resolve()): u for u in urls}
-    directory = Path(urls[0]).resolve().parent
-    for path in sorted(directory.glob("*.json")):
-        if not is_manifest_file(path):
-            continue
-        manifest = read_manifest(path)
-        counts = {str((directory / s.url).resolve()): s.num_samples for s in manifest.shards}
-        if all(w in counts for w in wanted):
-            return manifest, {u: counts[w] for w, u in wanted.items()}
-    return None
+    counts: dict[str, int] = {}
+    used: list[Manifest] = []
+    for directory in sorted({Path(w).parent for w in wanted}):
+        for path in sorted(directory.glob("*.json")):
+            if not is_manifest_file(path):
+                continue
+            manifest = read_manifest(path)
+            listed = {str((directory / s.url).resolve()): s.num_samples for s in manifest.shards}
+            new = {w: n for w, n in listed.items() if w in wanted and w not in counts}
+            if new:
+                counts.update(new)
+                used.append(manifest)
+    if not all(w in counts for w in wanted):
+        return None
+    merged = Manifest(
+        split=used[0].split,
+        shards=[ShardInfo(u, counts[w]) for w, u in wanted.items()],
+        classes=max((m.classes for m in used), key=len),
+        label_counts=_sum_counts([m.label_counts for m in used]),
+        source=used[0].source,
+    )
+    return merged, {u: counts[w] for w, u in wanted.items()}
+
+
+def _sum_counts(lists: list[list[int]]) -> list[int]:
+    out = [0] * max((len(c) for c in lists), default=0)
+    for counts in lists:
+        for i, n in enumerate(counts):
+            out[i] += n
+    return out
 
 
 def _is_local(url: str) -> bool:

@@ -42,7 +42,7 @@ def shards_for(urls: list[str], rank: int, world_size: int, worker: int, num_wor
 
 
 class TrainStream(IterableDataset):
-    """Endless batches {image, label, num_bad} for one rank; see the module docstring."""
+    """Endless batches {image, label, num_bad, key} for one rank; see the module docstring."""
 
     def __init__(
         self,
@@ -78,7 +78,7 @@ class TrainStream(IterableDataset):
         num_good = 0
         rng_state = None
         while True:
-            images, labels = [], []
+            images, labels, keys = [], [], []
             # timm's transforms draw from the global RNGs: give them this stream's own, continued batch to batch
             with global_rng(seed=seed, state=rng_state) as rng_out:
                 while len(images) < self.batch_size:
@@ -91,10 +91,16 @@ class TrainStream(IterableDataset):
                         continue
                     images.append(image)
                     labels.append(label)
+                    keys.append(sample["__key__"])
                     num_good += 1
             rng_state = rng_out
             check_bad_fraction(bad.num_bad, num_good + bad.num_bad, self.cfg.data.max_bad_fraction, where)
-            yield {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long), "num_bad": bad.take()}
+            yield {
+                "image": torch.stack(images),
+                "label": torch.tensor(labels, dtype=torch.long),
+                "num_bad": bad.take(),
+                "key": keys,
+            }
 
     def _samples(self, shard_iter: Iterator[dict], bad: BadDataLog, where: str) -> Iterator[dict]:
         empty_in_a_row = 0
@@ -129,7 +135,7 @@ def num_val_batches(num_samples: int, world_size: int, num_workers: int, batch_s
 
 
 class ValStream(IterableDataset):
-    """Batches {image, label, valid, num_bad} of one (rank, worker) range of the validation set."""
+    """Batches {image, label, valid, num_bad, key} of one (rank, worker) range of the validation set."""
 
     def __init__(
         self,
@@ -153,7 +159,7 @@ class ValStream(IterableDataset):
         bad = BadDataLog(where)
         decoder = SampleDecoder(self.cfg, training=False)
         num_batches = math.ceil((hi - lo) / self.batch_size)
-        images, labels = [], []
+        images, labels, keys = [], [], []
         num_good = 0
         for sample in self._samples(lo, hi, bad, where):
             try:
@@ -163,17 +169,18 @@ class ValStream(IterableDataset):
                 continue
             images.append(image)
             labels.append(label)
+            keys.append(sample["__key__"])
             num_good += 1
             if len(images) == self.batch_size:
-                yield self._batch(images, labels, bad)
-                images, labels = [], []
+                yield self._batch(images, labels, keys, bad)
+                images, labels, keys = [], [], []
                 num_batches -= 1
         check_bad_fraction(bad.num_bad, num_good + bad.num_bad, self.cfg.data.max_bad_fraction, where, final=True)
         for _ in range(num_batches):  # bad samples leave holes: pad so that this worker's batch count is fixed
-            yield self._batch(images, labels, bad)
-            images, labels = [], []
+            yield self._batch(images, labels, keys, bad)
+            images, labels, keys = [], [], []
 
-    def _batch(self, images: list, labels: list, bad: BadDataLog) -> dict:
+    def _batch(self, images: list, labels: list, keys: list, bad: BadDataLog) -> dict:
         n, b = len(images), self.batch_size
         image = torch.zeros((b, *self.image_shape))
         if n:
@@ -182,7 +189,8 @@ class ValStream(IterableDataset):
         label[:n] = torch.tensor(labels, dtype=torch.long)
         valid = torch.zeros(b, dtype=torch.bool)
         valid[:n] = True
-        return {"image": image, "label": label, "valid": valid, "num_bad": bad.take()}
+        keys = keys + [""] * (b - n)
+        return {"image": image, "label": label, "valid": valid, "num_bad": bad.take(), "key": keys}
 
     def _samples(self, lo: int, hi: int, bad: BadDataLog, where: str) -> Iterator[dict]:
         start = 0
