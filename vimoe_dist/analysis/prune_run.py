@@ -1,0 +1,76 @@
+"""`vimoe prune`: evaluate, replace the MoE layers not kept by dense FFNs, evaluate again, write what the trainer
+fine-tunes from.
+
+    OUT/model.safetensors   state dict of the pruned single-device model
+    OUT/config.yaml         the run's config with model.moe.layers = the kept blocks, model.pretrained = the file
+                            above and run.out_dir = OUT/finetune (so `vimoe train` does not resume the old run)
+    OUT/prune.json          kept and pruned blocks, mode, top-1 before and after, parameter counts, expert loads
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vimoe_dist.config import Config, save_config
+
+
+def prune_checkpoint(
+    cfg: Config,
+    model: nn.Module,
+    keep_text: str,
+    mode: str | None,
+    out_dir: str | Path,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | str = "cpu",
+    source: str | Path | None = None,
+) -> dict:
+    """Runs the whole command on an already loaded model; returns the report (written by rank 0). `mode` None:
+    `shared` when the model has a shared expert, else `average`."""
+    from vimoe_dist.analysis.collect import run_routing
+    from vimoe_dist.analysis.prune import parse_keep_layers, prune_model, save_pruned
+    from vimoe_dist.data import build_val_loader
+    from vimoe_dist.model import moe_layers
+
+    blocks = list(moe_layers(model))
+    keep = parse_keep_layers(keep_text, blocks)
+    if mode is None:
+        mode = (
+            "shared" if any(getattr(m, "shared", None) is not None for m in moe_layers(model).values()) else "average"
+        )
+    params_before = sum(p.numel() for p in model.parameters())
+    before = run_routing(model, build_val_loader(cfg, rank, world), cfg.model.num_classes, device)
+    gates = {
+        block: layer.mass_E / max(float(layer.tokens_C.sum()), 1.0) for block, layer in before.routing.layers.items()
+    }
+    pruned = prune_model(model, keep, mode, gates)
+    after = run_routing(model, build_val_loader(cfg, rank, world), cfg.model.num_classes, device)
+    out = Path(out_dir).resolve()
+    report = {
+        "source": str(Path(source).resolve()) if source is not None else None,
+        "mode": mode,
+        "keep": keep,
+        "pruned": pruned,
+        "top1_before": before.top1,
+        "top1_after": after.top1,
+        "images": before.images,
+        "params_before": params_before,
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "expert_gate_per_token": {str(b): [round(float(g), 6) for g in gates[b]] for b in pruned},
+        "weights": str(out / "model.safetensors"),
+        "config": str(out / "config.yaml"),
+    }
+    if rank == 0:
+        save_pruned(model, out)
+        new_cfg = copy.deepcopy(cfg)
+        new_cfg.model.moe.layers = list(keep)
+        new_cfg.model.pretrained = report["weights"]
+        new_cfg.run.out_dir = str(out / "finetune")
+        save_config(new_cfg, out / "config.yaml")
+        (out / "prune.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
