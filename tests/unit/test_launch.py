@@ -51,7 +51,7 @@ def test_local_deepspeed_dry_run_prints_the_exact_command(config, capsys):
     assert code == 0
     assert shlex.split(out) == [
         PY, "-m", "deepspeed.launcher.runner", "--num_gpus=2", "--master_addr=127.0.0.1", "--master_port=29511",
-        "--module", "vimoe_dist", "train", "--config", str(config), "train.steps=3",
+        "--no_local_rank", "--module", "vimoe_dist", "train", "--config", str(config), "train.steps=3",
     ]  # fmt: skip
 
 
@@ -110,7 +110,8 @@ def test_hostfile_command_passes_everything_through(tmp_path):
     assert cmd == [
         PY, "-m", "deepspeed.launcher.runner", "--hostfile=hf", "--include=n1@n2:0,1", "--num_gpus=2",
         "--master_addr=n1", "--master_port=29600", "--launcher=openmpi", "--launcher_args=--mca btl tcp",
-        "--ssh_port=2222", "--no_ssh", "--node_rank=1", "--module", "vimoe_dist", "train", "--config", "c.yaml", "a=1",
+        "--ssh_port=2222", "--no_ssh", "--node_rank=1", "--no_local_rank", "--module", "vimoe_dist", "train",
+        "--config", "c.yaml", "a=1",
     ]  # fmt: skip
 
 
@@ -167,6 +168,7 @@ def test_commands_parse_with_the_real_launchers():
     ds = build_deepspeed_local(PY, 2, "c.yaml", ["k=v"], master_port=29512)
     parsed = deepspeed_args(ds[3:])
     assert (parsed.num_gpus, parsed.master_port, parsed.module, parsed.user_script) == (2, 29512, True, "vimoe_dist")
+    assert parsed.no_local_rank  # else `--local_rank=N` would land between `vimoe_dist` and `train`
     assert parsed.user_args == ["train", "--config", "c.yaml", "k=v"]
     hf = build_deepspeed_hostfile(PY, "hf", "c.yaml", [], exclude="n2:1", no_ssh=True, node_rank=0, master_addr="a")
     parsed = deepspeed_args(hf[3:])

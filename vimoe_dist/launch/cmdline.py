@@ -14,6 +14,9 @@ from collections.abc import Sequence
 
 from vimoe_dist.errors import UserError
 
+# The deepspeed launcher would put `--local_rank=N` right after the module name (`python -m vimoe_dist --local_rank=1
+# train ...`), before the subcommand; `--no_local_rank` leaves it out and the ranks read LOCAL_RANK, which the
+# launcher sets as well.
 DEEPSPEED_BACKENDS = ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi")
 
 
@@ -72,7 +75,7 @@ def build_deepspeed_local(
     port = free_port() if master_port is None else _port(master_port)
     return [
         *python_argv(python), "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={port}", "--module", "vimoe_dist", *train_args(config, overrides),
+        f"--master_port={port}", "--no_local_rank", "--module", "vimoe_dist", *train_args(config, overrides),
     ]  # fmt: skip
 
 
@@ -128,7 +131,7 @@ def build_deepspeed_hostfile(
         cmd.append(f"--ssh_port={_port(ssh_port)}")
     if no_ssh:
         cmd += ["--no_ssh", f"--node_rank={node_rank}"]
-    return [*cmd, "--module", "vimoe_dist", *train_args(config, overrides)]
+    return [*cmd, "--no_local_rank", "--module", "vimoe_dist", *train_args(config, overrides)]
 
 
 def free_port() -> int:
