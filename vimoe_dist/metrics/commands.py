@@ -16,5 +16,5 @@ def _plot(args: argparse.Namespace) -> int:
     from vimoe_dist.metrics.plot import plot_run
 
     for path, panels in plot_run(args.run_dir, args.out).items():
-        print(f"{path}: {', '.join(panels)}")
+        print(f"{path}: {' | '.join(panels)}")
     return 0
