@@ -8,10 +8,12 @@ it was already up before the session (a developer's running cluster is left as f
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -90,3 +92,62 @@ def slurm_cluster():
     finally:
         if not was_up:
             subprocess.run([str(CLUSTER_SCRIPT), "down"], check=False, timeout=120)
+
+
+class DigitsRuns:
+    """Tiny training runs of configs/digits.yaml for the launcher tests: the point is the launch, not the accuracy."""
+
+    config = REPO / "configs" / "digits.yaml"
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+
+    def overrides(self, out_dir: Path, steps: int, checkpoint_every: int) -> list[str]:
+        num_train = len(list(self.data.glob("train-*.tar")))
+        return [
+            f"run.out_dir={out_dir}",
+            f"train.steps={steps}",
+            "train.global_batch_size=16",
+            "train.log_every=1",
+            f"train.checkpoint_every={checkpoint_every}",
+            "train.warmup_steps=2",
+            "train.progress=false",
+            "data.num_workers=0",
+            f"data.train={self.data}/train-{{000000..{num_train - 1:06d}}}.tar",
+            f"data.val={self.data}/val-000000.tar",
+        ]
+
+    @staticmethod
+    def steps(out_dir: Path) -> list[int]:
+        """The `step` of every training record of metrics.jsonl, in file order (across restarts)."""
+        path = Path(out_dir) / "metrics.jsonl"
+        if not path.exists():
+            return []
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r["step"] for r in records if "loss" in r]
+
+    @staticmethod
+    def steps_lost(steps: list[int]) -> int:
+        """Steps done twice: at a restart the run goes back from the last step it logged to the step after the
+        checkpoint it resumed from."""
+        lost, high = 0, 0
+        for step in steps:
+            if step <= high:
+                lost = max(lost, high - step + 1)
+            high = max(high, step)
+        return lost
+
+    @staticmethod
+    def eval_result(out_dir: Path) -> dict:
+        return json.loads((Path(out_dir) / "eval.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> DigitsRuns:
+    """The demo's digits shards (`vimoe data digits`), written once per session."""
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run(
+        [sys.executable, "-m", "vimoe_dist", "data", "digits", "--out", str(out)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    return DigitsRuns(out)

@@ -1,0 +1,76 @@
+"""`vimoe launch slurm --submit` on the real test cluster (conftest.py): the digits config trained expert-parallel as
+a 1-node 2-task job and as a 2-node job whose two ranks (ep_size 2) sit in different network namespaces, and a job
+requeued mid-run (`scontrol requeue`: SIGTERM to the ranks, a checkpoint, exit 75) that comes back and finishes from
+its checkpoint. Runs are cut to a few small steps; each one still pays for starting Python, torch and DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+
+def submit(slurm_cluster, digits, tmp_path, name: str, nodes: int, tasks: int, steps: int, checkpoint_every: int):
+    out = tmp_path / "run"
+    result = slurm_cluster.run(
+        sys.executable, "-m", "vimoe_dist", "launch", "slurm", "--submit", f"--nodes={nodes}",
+        f"--ntasks-per-node={tasks}", "--cpus-per-task=1", "--time=20", "--signal-grace=60", f"--job-name={name}",
+        "--config", str(digits.config), *digits.overrides(out, steps, checkpoint_every),
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("sbatch --parsable ") and lines[0].endswith(".sbatch"), result.stdout
+    job_id = int(re.search(r"submitted job (\d+)", result.stdout).group(1))
+    return job_id, out
+
+
+def finish(slurm_cluster, job_id: int, out, timeout: float = 840) -> tuple[dict, str]:
+    try:
+        info = slurm_cluster.wait(job_id, timeout=timeout)
+    finally:
+        slurm_cluster.cancel(job_id)
+    return info, slurm_cluster.logs(out / "slurm")
+
+
+def test_one_node_two_tasks_trains_expert_parallel(slurm_cluster, digits, tmp_path):
+    job_id, out = submit(slurm_cluster, digits, tmp_path, "digits-1n", nodes=1, tasks=2, steps=6, checkpoint_every=0)
+    info, log = finish(slurm_cluster, job_id, out)
+    assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "1" and info["NumTasks"] == "2", log
+    assert digits.steps(out)[-1] == 6, log
+    assert digits.eval_result(out)["images"] > 0, log
+    assert yaml.safe_load((out / "config.yaml").read_text())["parallel"]["ep_size"] == 2
+    assert f"digits-1n-{job_id}.out" in {p.name for p in (out / "slurm").iterdir()}  # log named by job id
+
+
+def test_two_nodes_train_with_experts_split_across_the_link(slurm_cluster, digits, tmp_path):
+    job_id, out = submit(slurm_cluster, digits, tmp_path, "digits-2n", nodes=2, tasks=1, steps=6, checkpoint_every=0)
+    info, log = finish(slurm_cluster, job_id, out)
+    assert info["JobState"] == "COMPLETED" and info["NodeList"] == "vn[1-2]" and info["NumTasks"] == "2", log
+    assert yaml.safe_load((out / "config.yaml").read_text())["parallel"]["ep_size"] == 2  # one expert shard per node
+    assert digits.steps(out)[-1] == 6 and digits.eval_result(out)["images"] > 0, log
+    assert "master vn1:" in log
+
+
+def test_requeued_job_resumes_from_its_checkpoint(slurm_cluster, digits, tmp_path):
+    every = 4
+    job_id, out = submit(
+        slurm_cluster, digits, tmp_path, "digits-rq", nodes=1, tasks=2, steps=30, checkpoint_every=every
+    )
+    try:
+        # requeue mid-run, after the first periodic checkpoint and before the end
+        slurm_cluster.wait_for(lambda: any(s > every + 1 for s in digits.steps(out)), 600, f"step {every + 2}")
+        assert max(digits.steps(out)) < 30, "the run ended before it could be requeued; make it longer"
+        slurm_cluster.run("scontrol", "requeue", str(job_id))
+    except BaseException:
+        slurm_cluster.cancel(job_id)
+        raise
+    info, log = finish(slurm_cluster, job_id, out)
+    steps = digits.steps(out)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "restart 1" in log and "resumed from" in log, log
+    assert steps[-1] == 30 and digits.eval_result(out)["images"] > 0, log
+    assert digits.steps_lost(steps) <= every, steps
