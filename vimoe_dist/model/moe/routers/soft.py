@@ -56,7 +56,7 @@ class SoftMoE(nn.Module):
         self.num_experts, self.slots_per_expert, self.z_loss = num_experts, slots_per_expert, z_loss
         self.phi = nn.Parameter(torch.empty(dim, num_experts * slots_per_expert))
         nn.init.normal_(self.phi, std=dim**-0.5)
-        self.scale = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.ones(1))  # shape [1], not []: DeepSpeed broadcasts parameters as bytes
 
     def forward(self, x: torch.Tensor) -> SoftRouting:
         x_GUD, squeeze = as_groups(x)
