@@ -62,9 +62,11 @@ def sparse_ot_semi_dual(
     spread of the scores) it is only piecewise smooth and a fixed step gamma / E overshoots the kinks and cycles. So
     the iteration is Nesterov's accelerated gradient with step min(gamma, sigma / sqrt(t + 1)) / E, sigma the spread
     (standard deviation) of the group's scores: the smooth step while it is the smaller, else the classic decaying
-    subgradient step in the units of the scores. A fixed number of iterations keeps the cost predictable. If
-    C * E < U the row marginals cannot all be met and the potentials of starved units keep rising: the plan is then a
-    best effort.
+    subgradient step in the units of the scores. A fixed number of iterations keeps the cost predictable (and the
+    routing a deterministic function of the group's scores). In that binding regime the cardinality constraint is not
+    convex, so even the exact dual optimum may leave some rows short of their mass; and if C * E < U the row marginals
+    cannot all be met at all and the potentials of starved units keep rising. The plan is then a best effort; its
+    columns always meet their constraints exactly.
 
     Returns:
         alpha_GU, the unit potentials (the units expert e selects are the top-C of s_e + alpha), and the plan T_GUE.
