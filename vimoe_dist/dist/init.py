@@ -24,6 +24,9 @@ def init_distributed(cfg: Config) -> DistEnv:
 
     env = resolve_env()
     export_env(env)
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        # CPU ranks of one node share its cores; oversubscribed threads slow every rank down
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(env.local_world_size, 1)))
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -32,16 +32,10 @@ log = logging.getLogger("vimoe.train")
 
 
 def train(cfg: Config) -> int:
-    import deepspeed
-
     from vimoe_dist.data import build_train_loader, build_val_loader
-    from vimoe_dist.dist.ds_config import build_ds_config
     from vimoe_dist.dist.init import init_distributed
-    from vimoe_dist.dist.parallelize import parallelize
     from vimoe_dist.metrics import build_metrics
-    from vimoe_dist.model import build_model
     from vimoe_dist.train import checkpoint
-    from vimoe_dist.train.optim import build_optimizer, build_scheduler
 
     # --- setup: who am I, is the layout possible, where does the run live
     check_config(cfg)
@@ -57,20 +51,8 @@ def train(cfg: Config) -> int:
     resume_tag = find_resume(cfg, ckpt_root)
     val_loader = build_val_loader(cfg, rank, world) if cfg.data.val else None
 
-    # --- build: identical initial weights on every rank
-    seed_everything(cfg.run.seed)
-    model = build_model(cfg.model, trust_checkpoint=cfg.run.trust_checkpoint)
-
-    # --- parallelize: experts sharded, all-to-all dispatch, DeepSpeed expert groups
-    model = parallelize(model, cfg.parallel.ep_size)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-
-    # --- engine
-    ds_config = build_ds_config(cfg, world)
-    if rank == 0:
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    # --- build, parallelize, engine
+    engine, optimizer, scheduler = build_engine(cfg, world, run_dir if rank == 0 else None)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.parallel.precision, torch.float32)
 
     # --- resume: weights, optimizer, step, data position, metric totals
@@ -203,6 +185,28 @@ def train(cfg: Config) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+
+
+def build_engine(cfg: Config, world: int, run_dir: Path | None = None):
+    """Build (identical initial weights on every rank), parallelize (experts sharded, all-to-all dispatch), and
+    wrap in the DeepSpeed engine with our optimizer and schedule. Returns (engine, optimizer, scheduler)."""
+    import deepspeed
+
+    from vimoe_dist.dist.ds_config import build_ds_config
+    from vimoe_dist.dist.parallelize import parallelize
+    from vimoe_dist.model import build_model
+    from vimoe_dist.train.optim import build_optimizer, build_scheduler
+
+    seed_everything(cfg.run.seed)
+    model = build_model(cfg.model, trust_checkpoint=cfg.run.trust_checkpoint)
+    model = parallelize(model, cfg.parallel.ep_size)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    ds_config = build_ds_config(cfg, world)
+    if run_dir is not None:
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer, scheduler
 
 
 def check_config(cfg: Config) -> None:
