@@ -3,6 +3,7 @@
 #
 #   launcher/dev/slurm-cluster.sh up        install Slurm + MUNGE from Debian packages if missing, start the cluster
 #   launcher/dev/slurm-cluster.sh run CMD   run CMD where the Slurm commands work (sbatch, squeue, scontrol, ...)
+#   launcher/dev/slurm-cluster.sh on NODE CMD   run CMD "on" node vn1 or vn2 (its namespace, hostname and /etc/hosts)
 #   launcher/dev/slurm-cluster.sh status    sinfo
 #   launcher/dev/slurm-cluster.sh down      cancel jobs, stop every daemon and job process, remove the namespaces
 #
@@ -220,8 +221,20 @@ run)
     shift
     in_ctl "$@"
     ;;
+on)
+    node=${2:?usage: $0 on NODE CMD...}
+    shift 2
+    for i in "${!NODES[@]}"; do
+        if [[ ${NODES[$i]} == "$node" ]]; then
+            as_machine "${NODE_NS[$i]}" "$node" "$@"
+            exit $?
+        fi
+    done
+    echo "slurm-cluster: no node $node (nodes: ${NODES[*]})" >&2
+    exit 2
+    ;;
 *)
-    echo "usage: $0 up|down|status|run CMD..." >&2
+    echo "usage: $0 up|down|status|run CMD...|on NODE CMD..." >&2
     exit 2
     ;;
 esac

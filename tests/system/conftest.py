@@ -127,15 +127,10 @@ class DigitsRuns:
         return [r["step"] for r in records if "loss" in r]
 
     @staticmethod
-    def steps_lost(steps: list[int]) -> int:
-        """Steps done twice: at a restart the run goes back from the last step it logged to the step after the
-        checkpoint it resumed from."""
-        lost, high = 0, 0
-        for step in steps:
-            if step <= high:
-                lost = max(lost, high - step + 1)
-            high = max(high, step)
-        return lost
+    def resumed_at(log: str) -> list[int]:
+        """The steps the trainer says it resumed from ("resumed from DIR at step N"), in order. (metrics.jsonl
+        cannot tell: a resumed run drops the records after its checkpoint step.)"""
+        return [int(n) for n in re.findall(r"resumed from \S+ at step (\d+)", log)]
 
     @staticmethod
     def eval_result(out_dir: Path) -> dict:

@@ -63,6 +63,7 @@ def test_local_torchrun_dry_run(config, capsys):
     )  # fmt: skip
     assert code == 0
     assert shlex.split(out) == [
+        "env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",  # a fresh rendezvous store for every restart round
         PY, "-m", "torch.distributed.run", "--nproc-per-node=3", "--nnodes=1", "--standalone", "--max-restarts=1",
         "-m", "vimoe_dist", "train", "--config", str(config),
     ]  # fmt: skip
@@ -174,7 +175,8 @@ def test_commands_parse_with_the_real_launchers():
     parsed = deepspeed_args(hf[3:])
     assert (parsed.hostfile, parsed.exclude, parsed.no_ssh, parsed.node_rank) == ("hf", "n2:1", True, 0)
     tr = build_torchrun(PY, 2, "c.yaml", ["k=v"], max_restarts=1)
-    parsed = get_args_parser().parse_args(tr[3:])
+    assert tr[:2] == ["env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"]
+    parsed = get_args_parser().parse_args(tr[5:])
     assert (parsed.nproc_per_node, parsed.standalone, parsed.max_restarts, parsed.module) == ("2", True, 1, True)
     assert (parsed.training_script, parsed.training_script_args) == (
         "vimoe_dist",

@@ -52,6 +52,11 @@ def build_torchrun(
     """torchrun on this machine (`torch.distributed.run`). Without a port it runs `--standalone` (a c10d rendezvous
     on a free local port); `--max-restarts` restarts every rank from scratch when one dies, and the restarted job
     resumes from its latest checkpoint (`run.resume=auto`).
+
+    With restarts the command runs under `env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`: by default the agent keeps one
+    TCP store for every rendezvous round and torch's `env://` init no longer prefixes the workers' keys by attempt,
+    so the restarted ranks read the dead ranks' gloo addresses of the first attempt and fail to connect ("Connection
+    refused" in `new_group`). Without sharing, each round gets a fresh store.
     """
     _check_positive("--nproc", nproc)
     if max_restarts < 0:
@@ -62,6 +67,8 @@ def build_torchrun(
     else:
         cmd += ["--master-addr=127.0.0.1", f"--master-port={_port(master_port)}"]
     cmd.append(f"--max-restarts={max_restarts}")
+    if max_restarts:
+        cmd = ["env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", *cmd]
     return [*cmd, "-m", "vimoe_dist", *train_args(config, overrides)]
 
 

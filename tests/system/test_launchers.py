@@ -1,0 +1,103 @@
+"""`vimoe launch local` with the real launchers: the deepspeed launcher and torchrun each train the digits config on
+2 CPU ranks, and torchrun's elastic agent (`--max-restarts 1`) restarts the job after `kill -9` of one rank, which
+then resumes from its last checkpoint and finishes. `vimoe launch hostfile --no-ssh` runs the deepspeed launcher on
+the two nodes of the test Slurm cluster's network namespaces (conftest.py), one node rank each.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+CLUSTER_SCRIPT = Path(__file__).resolve().parents[2] / "launcher" / "dev" / "slurm-cluster.sh"
+
+
+class Started:
+    """A command started in its own session with its output in a log file, so a failed test can end the whole
+    process tree (launcher, agent, ranks) with one killpg."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.log = log
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            self.kill()
+        return code, self.log.read_text(errors="replace")
+
+
+def launch(digits, out: Path, launcher: str, steps: int, checkpoint_every: int, *extra: str) -> Started:
+    argv = [
+        sys.executable, "-m", "vimoe_dist", "launch", "local", "--nproc", "2", "--launcher", launcher, *extra,
+        "--config", str(digits.config), *digits.overrides(out, steps, checkpoint_every),
+    ]  # fmt: skip
+    return Started(argv, out.parent / f"{launcher}.log")
+
+
+@pytest.mark.parametrize(
+    ("launcher", "module"), [("deepspeed", "deepspeed.launcher.runner"), ("torchrun", "torch.distributed.run")]
+)
+def test_local_launcher_trains_digits(digits, tmp_path, launcher, module):
+    out = tmp_path / "run"
+    code, log = launch(digits, out, launcher, steps=6, checkpoint_every=0).finish()
+    assert code == 0, log
+    printed = shlex.split(log.splitlines()[0])  # the exact command line comes first
+    assert printed[:3] == [sys.executable, "-m", module] and "vimoe_dist" in printed, log
+    assert digits.steps(out)[-1] == 6 and digits.eval_result(out)["images"] > 0, log
+
+
+def rank_pid(agent: int, rank: int) -> int | None:
+    """The pid of worker `rank` among the children of torchrun's agent (read from /proc, Linux)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_torchrun_restarts_after_kill_9_and_resumes(digits, tmp_path):
+    every, steps = 4, 24
+    out = tmp_path / "run"
+    run = launch(digits, out, "torchrun", steps, every, "--max-restarts", "1")
+    try:
+        deadline = time.monotonic() + 600
+        while not any(s > every + 1 for s in digits.steps(out)):  # past the first periodic checkpoint
+            assert run.proc.poll() is None and time.monotonic() < deadline, "the run did not get going"
+            time.sleep(0.5)
+        victim = rank_pid(run.proc.pid, rank=1)  # `vimoe launch` exec'd itself into the torchrun agent
+        assert victim is not None, "no worker with RANK=1 under the torchrun agent"
+        os.kill(victim, signal.SIGKILL)
+        killed_at = max(digits.steps(out))
+        assert killed_at < steps, "the run ended before the kill; make it longer"
+    except BaseException:
+        run.kill()
+        raise
+    code, log = run.finish()
+    assert code == 0, log
+    assert digits.steps(out)[-1] == steps and digits.eval_result(out)["images"] > 0, log
+    # the restarted ranks went back to the last checkpoint, not to step 0: at most `every` steps were done twice
+    resumed = digits.resumed_at(log)
+    assert len(resumed) == 1 and 0 < resumed[0] <= killed_at <= resumed[0] + every, (killed_at, resumed, log[-3000:])
