@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "vimoe_dist.launch.cli",
     "vimoe_dist.metrics.commands",
     "vimoe_dist.analysis.cli",
+    "vimoe_dist.bench.cli",
 )
 
 

@@ -20,7 +20,6 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_to_all_single
 
 
 class AllToAllDispatcher:
@@ -60,12 +59,24 @@ class AllToAllDispatcher:
         return f"AllToAllDispatcher(ep_size={self.ep_size}, local_experts={self.num_local})"
 
 
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with split sizes; the backward sends the gradients back along the reversed splits."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_sizes: list[int], in_sizes: list[int], group: dist.ProcessGroup):
+        ctx.sizes, ctx.group = (out_sizes, in_sizes), group
+        out = x.new_empty((sum(out_sizes), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_sizes, in_sizes = ctx.sizes
+        return _AllToAll.apply(grad, in_sizes, out_sizes, ctx.group), None, None, None
+
+
 def _all_to_all(x: torch.Tensor, out_sizes: list[int], in_sizes: list[int], group: dist.ProcessGroup) -> torch.Tensor:
-    out = x.new_empty((sum(out_sizes), *x.shape[1:]))
-    if torch.is_grad_enabled() and x.requires_grad:
-        return all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
-    dist.all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
-    return out
+    return _AllToAll.apply(x, out_sizes, in_sizes, group)
 
 
 def _regroup_order(counts_PL: list[list[int]], device: torch.device) -> torch.Tensor:

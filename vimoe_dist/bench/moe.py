@@ -1,0 +1,87 @@
+"""`vimoe bench moe`: forward + backward of one MoE FFN at ViT-S sizes (dim 384, hidden 1536, 8 experts, 32 images
+of 196 tokens, token routing) for every router and for DeepSpeed's and fairscale's layers, against a dense FFN doing
+k times the work (k x T tokens through one timm Mlp), all in one interleaved run.
+
+`ratio_vs_dense` = time(dense on k x T tokens) / time(layer): 1.0 means the layer costs exactly its expert FLOPs.
+`speedup_vs_deepspeed` = time(DeepSpeed's layer at the same k) / time(layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+from timm.layers import Mlp
+
+from vimoe_dist.bench.timing import interleaved, print_table, write_json
+from vimoe_dist.config import load_config
+
+
+def _moe(impl: str, router: str, k: int, args: argparse.Namespace):
+    from vimoe_dist.model import build_moe
+
+    overrides = [
+        f"model.moe.impl={impl}", f"model.moe.router={router}", f"model.moe.top_k={k}", "model.moe.routing=token",
+        f"model.moe.num_experts={args.experts}", f"model.moe.capacity_factor={args.capacity_factor}",
+        f"model.moe.group_size={args.group_size}", "model.moe.shared_expert=false",
+        f"model.moe.switch_loss={0 if router == 'soft' else 0.01}", "model.moe.renormalize=true",
+    ]  # fmt: skip
+    return build_moe(args.dim, args.hidden, load_config(None, overrides).model.moe)
+
+
+def _step(module, x: torch.Tensor):
+    def run() -> None:
+        y = module(x)
+        loss = y.float().square().mean() + getattr(module, "aux_loss", 0)
+        loss.backward()
+        module.zero_grad(set_to_none=True)
+
+    return run
+
+
+def run(args: argparse.Namespace) -> dict:
+    from vimoe_dist.model.moe.routers import ROUTERS
+
+    torch.manual_seed(0)
+    x = torch.randn(args.images, args.tokens, args.dim)
+    variants, meta = {}, {}
+    for k in sorted({1, args.top_k}):
+        xk = x.repeat(k, 1, 1)
+        variants[f"dense x{k}"] = _step(Mlp(args.dim, args.hidden), xk)
+        meta[f"dense x{k}"] = {"impl": "timm Mlp", "router": "-", "k": k}
+    for name in sorted(ROUTERS):
+        k = 1 if name == "soft" else args.top_k
+        variants[f"vimoe {name}"] = _step(_moe("vimoe", name, k, args), x)
+        meta[f"vimoe {name}"] = {"impl": "vimoe", "router": name, "k": k}
+    variants["vimoe tc-softmax k1"] = _step(_moe("vimoe", "tc-softmax", 1, args), x)
+    meta["vimoe tc-softmax k1"] = {"impl": "vimoe", "router": "tc-softmax", "k": 1}
+    for k in (1, 2):
+        variants[f"deepspeed k{k}"] = _step(_moe("deepspeed", "tc-softmax", k, args), x)
+        meta[f"deepspeed k{k}"] = {"impl": "deepspeed", "router": "TopKGate", "k": k}
+    variants["fairscale k2"] = _step(_moe("fairscale", "tc-softmax", 2, args), x)
+    meta["fairscale k2"] = {"impl": "fairscale", "router": "Top2Gate", "k": 2}
+    if args.only:
+        keep = set(args.only.split(","))
+        variants = {n: f for n, f in variants.items() if n in keep or n.startswith("dense")}
+
+    times = interleaved(variants, rounds=args.rounds, warmup=1)
+    rows = []
+    for name, t in times.items():
+        k = meta[name]["k"]
+        dense = times.get(f"dense x{k}")
+        ds = times.get(f"deepspeed k{k}")
+        rows.append({
+            "variant": name, **meta[name], "ms": 1000 * t,
+            "ratio_vs_dense": dense / t if dense and "dense" not in name else None,
+            "speedup_vs_deepspeed": ds / t if ds and not name.startswith(("deepspeed", "dense")) else None,
+        })  # fmt: skip
+    print(f"\nMoE FFN forward+backward: dim {args.dim}, hidden {args.hidden}, {args.experts} experts, "
+          f"{args.images}x{args.tokens} tokens, capacity factor {args.capacity_factor}, {torch.get_num_threads()} "
+          f"threads, median of {args.rounds} interleaved rounds")  # fmt: skip
+    print_table(rows, ["variant", "k", "ms", "ratio_vs_dense", "speedup_vs_deepspeed"])
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings |= {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()}
+    payload = {"bench": "moe", "settings": settings, "rows": rows}
+    write_json(args.out, payload)
+    return payload
