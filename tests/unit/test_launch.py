@@ -21,6 +21,7 @@ from vimoe_dist.launch.hostfile import parse_hostfile
 from vimoe_dist.launch.sbatch import SlurmJob, default_template, parse_slurm_time, render_sbatch
 
 PY = "/opt/py/bin/python"
+PY_SELF = sys.executable
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -136,17 +137,35 @@ def test_hostfile_cli_with_forwarded_environment(config, tmp_path, capsys, monke
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes\nnode1 slots=2\n\nnode2 slots=2  # spare\n")
     monkeypatch.setenv("NCCL_IB_HCA", "mlx5")
+    env_args = ["--env", "NCCL_IB_HCA", "--env", "NCCL_DEBUG=WARN"]
     code, out, err = run_cli(
+        ["launch", "hostfile", "--hostfile", str(hostfile), *env_args, "--dry-run", "--config", str(config)], capsys
+    )
+    assert code == 0 and "2 hosts, 4 slots" in err
+    env_file = tmp_path / "run" / "launch" / "deepspeed_env"
+    assert shlex.split(out)[:5] == ["env", "NCCL_IB_HCA=mlx5", "NCCL_DEBUG=WARN", f"DS_ENV_FILE={env_file}", PY_SELF]
+    assert not env_file.exists()  # dry run writes nothing
+    # --no-ssh: this node's ranks inherit the variables, no file for remote ranks
+    code, out, _ = run_cli(
         ["launch", "hostfile", "--hostfile", str(hostfile), "--no-ssh", "--node-rank", "1", "--master-addr",
-         "node1", "--env", "NCCL_IB_HCA", "--env", "NCCL_DEBUG=WARN", "--dry-run", "--config", str(config)],
+         "node1", *env_args, "--dry-run", "--config", str(config)],
         capsys,
     )  # fmt: skip
-    assert code == 0 and "2 hosts, 4 slots" in err
     argv = shlex.split(out)
-    env_file = tmp_path / "run" / "launch" / "deepspeed_env"
-    assert argv[:2] == ["env", f"DS_ENV_FILE={env_file}"]
+    assert argv[:4] == ["env", "NCCL_IB_HCA=mlx5", "NCCL_DEBUG=WARN", PY_SELF]
     assert "--no_ssh" in argv and "--node_rank=1" in argv and "--master_addr=node1" in argv
-    assert not env_file.exists()  # dry run writes nothing
+
+
+def test_hostfile_env_without_value_must_be_set(config, tmp_path, capsys, monkeypatch):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=1\n")
+    monkeypatch.delenv("VIMOE_UNSET_VAR", raising=False)
+    code, _, err = run_cli(
+        ["launch", "hostfile", "--hostfile", str(hostfile), "--env", "VIMOE_UNSET_VAR", "--dry-run",
+         "--config", str(config)],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "VIMOE_UNSET_VAR" in err
 
 
 def test_hostfile_node_rank_beyond_the_file(config, tmp_path, capsys):

@@ -190,13 +190,17 @@ def _hostfile(args: argparse.Namespace) -> int:
         raise UserError(f"--node-rank={args.node_rank} but {args.hostfile} lists {len(hosts)} hosts")
     print(f"# hostfile {args.hostfile}: {len(hosts)} hosts, {sum(hosts.values())} slots", file=sys.stderr)
     if args.env:
-        # the deepspeed launcher exports the NAME=VALUE lines of DS_ENV_FILE to every rank it starts
-        env_file = Path(cfg.run.out_dir) / "launch" / "deepspeed_env"
-        lines = [_env_entry(entry) for entry in args.env]
-        if not args.dry_run:
-            env_file.parent.mkdir(parents=True, exist_ok=True)
-            env_file.write_text("".join(f"{line}\n" for line in lines))
-        cmd = ["env", f"DS_ENV_FILE={env_file.resolve()}", *cmd]
+        # the ranks on this node inherit the variables; the deepspeed launcher forwards the NAME=VALUE lines of
+        # DS_ENV_FILE to the ranks it starts over pdsh/mpirun (with --no-ssh every node runs this command itself)
+        pairs = [_env_entry(entry) for entry in args.env]
+        prefix = ["env", *pairs]
+        if not args.no_ssh:
+            env_file = (Path(cfg.run.out_dir) / "launch" / "deepspeed_env").resolve()
+            if not args.dry_run:
+                env_file.parent.mkdir(parents=True, exist_ok=True)
+                env_file.write_text("".join(f"{pair}\n" for pair in pairs))
+            prefix.append(f"DS_ENV_FILE={env_file}")
+        cmd = [*prefix, *cmd]
     return _exec(cmd, args.dry_run)
 
 
