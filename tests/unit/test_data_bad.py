@@ -208,3 +208,30 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "expected an ImageFolder tree" in proc.stderr
+
+
+def test_failed_augmentation_is_retried_then_counted(digits):
+    from vimoe_dist.data.baddata import BadSample
+    from vimoe_dist.data.transforms import SampleDecoder
+
+    decoder = SampleDecoder(make_cfg(f"{digits}/train-000000.tar", None, "model.num_classes=10"), training=True)
+    real, calls = decoder.transform, []
+
+    def flaky(image):  # stands in for timm's RandAugment drawing an op that Pillow rejects
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("bits must be between or equal to 1 and 8")
+        return real(image)
+
+    def broken(image):
+        raise ValueError("always")
+
+    with tarfile.open(digits / "train-000000.tar") as tar:
+        png = tar.extractfile(next(n for n in tar.getnames() if n.endswith(".png"))).read()
+    sample = {"__key__": "k", "__url__": "s", "png": png, "cls": b"1"}
+    decoder.transform = flaky
+    image, label = decoder(sample)
+    assert image.shape == (3, 8, 8) and label == 1 and len(calls) == 2
+    decoder.transform = broken
+    with pytest.raises(BadSample, match="transform failed"):
+        decoder(sample)

@@ -18,11 +18,12 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from vimoe_dist.config import Config
 from vimoe_dist.data.baddata import BadDataLog, BadSample, check_bad_fraction
 from vimoe_dist.data.stream import worker_position
+from vimoe_dist.data.tarformat import scan_members
 from vimoe_dist.data.transforms import SampleDecoder, global_rng, seed_from, set_global_seed
 from vimoe_dist.errors import UserError
 
@@ -43,7 +44,7 @@ class TarIndex:
         self.error: str | None = None
         entries: list[tuple[str, int, int]] = []
         try:
-            entries = scan_tar(path)
+            entries = scan_members(path)
         except tarfile.ReadError as e:  # keep the members before the damage
             entries = e.args[1] if len(e.args) > 1 else []
             self.error = f"ReadError: {e.args[0]}"[:200]
@@ -74,58 +75,6 @@ class TarIndex:
                 f.seek(offset)
                 sample[ext] = f.read(size)
         return sample
-
-
-def scan_tar(path: str) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of the regular files of a tar, from its 512-byte headers.
-
-    Reading only the plain ustar / v7 headers our writers produce is ~10x faster than `tarfile` (which builds a
-    TarInfo per member); anything else (pax or GNU long-name headers, base-256 sizes) goes through `tarfile`.
-    A damaged tar raises `tarfile.ReadError(message, entries read so far)`.
-    """
-    entries: list[tuple[str, int, int]] = []
-    with open(path, "rb") as f:
-        end = f.seek(0, 2)
-        offset = 0
-        while offset + 512 <= end:
-            f.seek(offset)
-            header = f.read(512)
-            if header == bytes(512):
-                return entries
-            if sum(header[:148]) + 256 + sum(header[156:]) != _octal(header[148:156]):
-                if offset == 0 or header[257:262] == b"ustar":  # not a tar we wrote: let tarfile judge it
-                    return _scan_with_tarfile(path)
-                raise tarfile.ReadError(f"bad header checksum at byte {offset}", entries)
-            kind = header[156:157]
-            if kind not in (b"0", b"\0", b"5", b"1", b"2") or header[124] & 0x80:
-                return _scan_with_tarfile(path)
-            size = _octal(header[124:136])
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if header[257:262] == b"ustar" and header[345]:
-                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-            if kind in (b"0", b"\0"):
-                if offset + 512 + size > end:
-                    raise tarfile.ReadError(f"member {name} truncated", entries)
-                entries.append((name, offset + 512, size))
-            offset += 512 + (size + 511) // 512 * 512
-    if offset < end or not entries:
-        raise tarfile.ReadError(f"unexpected end of data at byte {end}", entries)
-    return entries  # no end-of-archive blocks: cut exactly at a member boundary
-
-
-def _octal(field: bytes) -> int:
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _scan_with_tarfile(path: str) -> list[tuple[str, int, int]]:
-    entries: list[tuple[str, int, int]] = []
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            entries.extend((info.name, info.offset_data, info.size) for info in tar if info.isreg())
-    except (tarfile.TarError, EOFError) as e:
-        raise tarfile.ReadError(str(e), entries) from None
-    return entries
 
 
 def _file_size(path: str) -> int:
@@ -200,7 +149,7 @@ class ExactBatches(Dataset):
                 indices.append(index)
                 keys.append(key)
         return {
-            "image": torch.stack(images),
+            "image": default_collate(images),  # in a worker: stacked straight into shared memory
             "label": torch.tensor(labels, dtype=torch.long),
             "num_bad": self._bad.take(),
             "index": torch.tensor(indices, dtype=torch.long),
@@ -218,7 +167,7 @@ class ExactBatches(Dataset):
                 label = self._decoder.label(sample)
                 image = self._decoder.image(sample)
                 set_global_seed(seed_from(self.cfg.run.seed, _AUG, epoch, index))
-                image = self._decoder.transform(image)
+                image = self._decoder.augment(sample, image)
             except BadSample as e:
                 self._bad.record(e.shard, e.key, e.reason)
                 check_bad_fraction(

@@ -2,17 +2,22 @@
 once, the same number of batches on every rank).
 
     train = build_train_loader(cfg, rank, world_size, start_step=s, state=checkpoint.get("data"))
-    for batch in train:            # batch["image"] [b, C, H, W], ["label"] [b], ["num_bad"] int, ["target"] (mixup)
-        ...
+    for batch in train:  # ["image"] [b, C, H, W], ["label"] [b], ["num_bad"] int, ["key"] list[str],
+        ...              # ["target"] [b, num_classes] with mixup/cutmix; exact order adds ["index"] [b]
     checkpoint["data"] = train.state_dict()
 
     for batch in build_val_loader(cfg, rank, world_size):
-        batch["image"], batch["label"], batch["valid"]
+        batch["image"], batch["label"], batch["valid"], batch["num_bad"], batch["key"]  # padding: valid False, key ""
 
 b = train.global_batch_size / (world_size x train.grad_accum) and must be a multiple of model.moe.group_size
 (routing groups never straddle a batch). Every forward of an expert-parallel model is a collective, so both
 loaders yield the same number of batches on every rank: the training stream never ends, the validation loader pads
 with `valid=False` batches.
+
+Resume: in exact order the data position is the step, so a resumed run (on any number of ranks) gets the very
+batches it would have had. In stream order shard resampling and the shuffle buffer are reseeded from (run.seed,
+rank, worker, start_step): the resumed stream is fresh data from the same distribution, not a replay of the first
+steps (a streaming shuffle buffer has no cheap exact position to save).
 """
 
 from __future__ import annotations

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from vimoe_dist.config import Config
 from vimoe_dist.data.baddata import BadDataLog, BadSample, check_bad_fraction
 from vimoe_dist.data.tario import ShardReader, account_shard_end
-from vimoe_dist.data.transforms import SampleDecoder, global_rng, seed_from
+from vimoe_dist.data.transforms import SampleDecoder, global_rng, seed_from, set_global_seed
 from vimoe_dist.errors import UserError
 
 # a worker that reads this many shards in a row without one sample stops the run instead of spinning forever
@@ -77,10 +78,14 @@ class TrainStream(IterableDataset):
         decoder = SampleDecoder(self.cfg, training=True)
         num_good = 0
         rng_state = None
+        in_worker = get_worker_info() is not None
+        if in_worker:  # the worker process's global RNGs are this stream's alone
+            set_global_seed(seed)
         while True:
             images, labels, keys = [], [], []
-            # timm's transforms draw from the global RNGs: give them this stream's own, continued batch to batch
-            with global_rng(seed=seed, state=rng_state) as rng_out:
+            # timm's transforms draw from the global RNGs; in the main process they are the trainer's, so the stream
+            # brings its own state in for each batch and takes it out again
+            with nullcontext({}) if in_worker else global_rng(seed=seed, state=rng_state) as rng_out:
                 while len(images) < self.batch_size:
                     sample = next(samples)
                     try:
@@ -96,7 +101,7 @@ class TrainStream(IterableDataset):
             rng_state = rng_out
             check_bad_fraction(bad.num_bad, num_good + bad.num_bad, self.cfg.data.max_bad_fraction, where)
             yield {
-                "image": torch.stack(images),
+                "image": default_collate(images),  # in a worker: stacked straight into shared memory
                 "label": torch.tensor(labels, dtype=torch.long),
                 "num_bad": bad.take(),
                 "key": keys,

@@ -2,7 +2,8 @@
 
 Opening uses webdataset's `gopen` (local files, `http(s)://` through curl, `pipe:` commands with exit-status
 checks) and file names are split into key and extension by webdataset's `base_plus_ext`, so keys match what
-`webdataset.WebDataset` would produce. The loop itself is ours: webdataset's `tar_file_expander` hands a
+`webdataset.WebDataset` would produce. Members come from our header reader (`tarformat`, several times faster
+than `tarfile` on small images). The grouping loop is ours too: webdataset's `tar_file_expander` hands a
 truncation error to its handler once per broken member *and* once per shard, and then merges the broken sample with
 the next shard's first one, which makes exact counts impossible. Here a reader yields every sample group it could
 read completely (a group may still lack a label: the decoder counts that with its key) and afterwards says how
@@ -16,6 +17,7 @@ import tarfile
 from collections.abc import Iterator
 
 from vimoe_dist.data.baddata import BadDataLog
+from vimoe_dist.data.tarformat import iter_members
 
 META_PREFIX = "__"
 
@@ -42,23 +44,18 @@ class ShardReader:
         closed = False
         try:
             stream = gopen(self.url, "rb")
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for info in tar:
-                    if not info.isreg() or info.name.startswith(META_PREFIX):
-                        continue
-                    prefix, suffix = base_plus_ext(info.name)
-                    if prefix is None:
-                        continue
-                    if current is None or prefix != current["__key__"]:
-                        if current is not None:
-                            self.num_seen += 1
-                            yield current
-                        current = {"__key__": prefix, "__url__": self.url}
-                    member = tar.extractfile(info)
-                    data = member.read() if member is not None else b""
-                    if len(data) != info.size:
-                        raise tarfile.ReadError(f"member {info.name} truncated")
-                    current[suffix.lower()] = data
+            for name, data in iter_members(stream, f"in {self.url}"):
+                if name.startswith(META_PREFIX):
+                    continue
+                prefix, suffix = base_plus_ext(name)
+                if prefix is None:
+                    continue
+                if current is None or prefix != current["__key__"]:
+                    if current is not None:
+                        self.num_seen += 1
+                        yield current
+                    current = {"__key__": prefix, "__url__": self.url}
+                current[suffix.lower()] = data
             closed = True
             stream.close()  # a pipe's exit status is checked here: a failed command is an unreadable shard
             if current is not None:

@@ -91,9 +91,21 @@ class SampleDecoder:
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
             raise BadSample(shard, key, f"corrupt image ({type(e).__name__}: {str(e)[:80]})") from None
 
+    def augment(self, sample: dict, image) -> torch.Tensor:
+        """The transform, drawn again (from the same, advancing RNG) when a random augmentation fails: timm's
+        RandAugment with `inc1` can ask Pillow >= 11 to posterize to 0 bits, a ValueError on ~0.2% of images that
+        says nothing about the image. Three failures in a row count the sample as bad."""
+        for _ in range(3):
+            try:
+                return self.transform(image)
+            except Exception as e:
+                error = e
+        shard, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        raise BadSample(shard, key, f"transform failed ({type(error).__name__}: {str(error)[:80]})")
+
     def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
         label = self.label(sample)
-        return self.transform(self.image(sample)), label
+        return self.augment(sample, self.image(sample)), label
 
 
 def seed_from(*parts: int) -> int:

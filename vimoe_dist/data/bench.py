@@ -1,0 +1,204 @@
+"""`vimoe bench data`: is the data pipeline ever the bottleneck?
+
+Two measurements, side by side in one run:
+
+1. Throughput (images/s of decode + augment + batch) of our WebDataset pipeline (`data.order: stream` and
+   `exact`) against torchvision's `ImageFolder` + `DataLoader` reading the very same JPEG files, with the same timm
+   training transform, batch size and number of workers. Both run twice, interleaved; the best of each counts.
+   Target: the stream at least as fast as ImageFolder (ratio >= 1).
+2. Data-wait fraction of a training step (time blocked on `next(loader)` / step time) for one rank at the demo
+   setting (configs/digits.yaml) and at a ViT-S setting (224 px, RandAugment, 8 experts in the last 2 blocks),
+   forward + backward + AdamW on this machine. Target: under 5%.
+
+Results print as a table and go to a JSON file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vimoe_dist.config import Config, load_config
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
+
+
+def _extract_folder(shards: Path, root: Path) -> None:
+    """The JPEGs of the shards as an ImageFolder tree root/<class>/<key>.jpg (the same bytes)."""
+    for shard in sorted(shards.glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar}
+        for name, data in members.items():
+            if name.endswith(".jpg"):
+                key = name[: -len(".jpg")]
+                label = int(members[key + ".cls"])
+                (root / f"c{label:03d}").mkdir(parents=True, exist_ok=True)
+                (root / f"c{label:03d}" / f"{key}.jpg").write_bytes(data)
+
+
+def _rate(batches, num_batches: int) -> float:
+    """Images/s over `num_batches` batches after a first (warm-up: worker start, buffer fill) batch."""
+    it = iter(batches)
+    next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for batch in itertools.islice(it, num_batches):
+        image = batch["image"] if isinstance(batch, dict) else batch[0]
+        n += image.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def _imagefolder_batches(cfg: Config, root: Path, batch_size: int):
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from vimoe_dist.data.transforms import build_transform
+
+    dataset = ImageFolder(str(root), transform=build_transform(cfg, training=True))
+    workers = cfg.data.num_workers
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+        prefetch_factor=cfg.data.prefetch if workers else None, persistent_workers=workers > 0,
+    )  # fmt: skip
+    while True:
+        yield from loader
+
+
+def throughput(work: Path, images: int, size: int, img_size: int, batch: int, workers: int, num_batches: int) -> dict:
+    from vimoe_dist.data.loader import build_train_loader
+    from vimoe_dist.data.synthetic import write_synthetic
+
+    shards = work / "shards"
+    write_synthetic(shards, num_classes=10, num_images=images, size=size, num_val=0,
+                    max_count=max(images // 16, 1), num_procs=workers, progress=False)  # fmt: skip
+    _extract_folder(shards, work / "folder")
+    num_shards = len(list(shards.glob("train-*.tar")))
+    overrides = [
+        f"data.train={shards}/train-{{000000..{num_shards - 1:06d}}}.tar",
+        f"model.img_size={img_size}", "model.num_classes=10", "model.moe.group_size=1",
+        f"train.global_batch_size={batch}", f"data.num_workers={workers}", "data.shuffle_buffer=256",
+        "data.auto_augment=rand-m9-mstd0.5",
+    ]  # fmt: skip
+    # RandAugment without inc1: with it, timm can posterize to 0 bits, which Pillow >= 11 rejects; our pipeline
+    # redraws the augmentation, torchvision's ImageFolder loader would stop with the ValueError
+    cfg = load_config(None, overrides)
+    exact = load_config(None, [*overrides, "data.order=exact"])
+    rates: dict[str, list[float]] = {"webdataset_stream": [], "webdataset_exact": [], "imagefolder": []}
+    for _ in range(2):
+        rates["webdataset_stream"].append(_rate(build_train_loader(cfg, 0, 1), num_batches))
+        rates["imagefolder"].append(_rate(_imagefolder_batches(cfg, work / "folder", batch), num_batches))
+        rates["webdataset_exact"].append(_rate(build_train_loader(exact, 0, 1), num_batches))
+    best = {name: max(r) for name, r in rates.items()}
+    return {
+        "images_per_sec": best,
+        "runs": rates,
+        "ratio_stream_vs_imagefolder": best["webdataset_stream"] / best["imagefolder"],
+        "ratio_exact_vs_imagefolder": best["webdataset_exact"] / best["imagefolder"],
+        "settings": {"images": images, "jpeg_px": size, "img_size": img_size, "batch": batch, "workers": workers,
+                     "batches_timed": num_batches, "transform": "timm train: RRC + flip + RandAugment m9"},
+    }  # fmt: skip
+
+
+def data_wait(cfg: Config, rank: int, world_size: int, steps: int, warmup: int = 2) -> dict:
+    """One rank's training step (forward, backward, AdamW) fed by the loader: time waiting for data / step."""
+    import torch.nn.functional as F
+
+    from vimoe_dist.data.loader import build_train_loader
+    from vimoe_dist.model import aux_loss, build_model
+
+    model = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = iter(build_train_loader(cfg, rank, world_size))
+    wait = total = 0.0
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        out = model(batch["image"])
+        logits = out[0] if isinstance(out, tuple) else out
+        loss = F.cross_entropy(logits, batch.get("target", batch["label"])) + aux_loss(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        if step >= warmup:
+            wait += t1 - t0
+            total += t2 - t0
+    return {
+        "data_wait_fraction": wait / total,
+        "step_seconds": total / steps,
+        "wait_seconds_per_step": wait / steps,
+        "steps_timed": steps,
+        "batch_per_rank": batch["image"].shape[0],
+        "workers": cfg.data.num_workers,
+    }
+
+
+def run_data_bench(out: str | os.PathLike | None = "runs/bench/data.json", quick: bool = False) -> dict:
+    """Runs both measurements, prints the table, writes the JSON; returns the results."""
+    from vimoe_dist.data.digits import write_digits
+    from vimoe_dist.data.synthetic import write_synthetic
+
+    torch.manual_seed(0)
+    workers = min(2, os.cpu_count() or 1)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                 "torch": torch.__version__, "cuda": torch.cuda.is_available()}}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="vimoe-bench-data-") as tmp:
+        work = Path(tmp)
+        results["throughput"] = throughput(
+            work / "tp", images=256 if quick else 1024, size=160, img_size=128, batch=32, workers=workers,
+            num_batches=4 if quick else 16,
+        )  # fmt: skip
+        write_digits(work / "digits")
+        demo = load_config(DEMO_CONFIG if DEMO_CONFIG.exists() else None, [
+            f"data.train={work}/digits/train-{{000000..000011}}.tar", "data.val=null", "model.num_classes=10",
+        ])  # fmt: skip
+        results["data_wait"] = {"demo": data_wait(demo, 0, 2, steps=5 if quick else 20)}
+        write_synthetic(work / "vits", num_classes=100, num_images=64 if quick else 256, size=256, num_val=0,
+                        max_count=16, num_procs=workers, progress=False)  # fmt: skip
+        vits = load_config(None, [
+            f"data.train={work}/vits/train-{{000000..{(64 if quick else 256) // 16 - 1:06d}}}.tar",
+            "model.backbone=vit_small_patch16_224", "model.img_size=224", "model.num_classes=100",
+            "model.moe.layers=last-2", "model.moe.num_experts=8", "model.moe.group_size=8",
+            "train.global_batch_size=16", f"data.num_workers={workers}", "data.shuffle_buffer=64",
+            "data.auto_augment=rand-m9-mstd0.5", "data.mixup=0.8", "data.cutmix=1.0",
+        ])  # fmt: skip
+        results["data_wait"]["vit_s"] = data_wait(vits, 0, 1, steps=2 if quick else 4, warmup=1)
+    tp, dw = results["throughput"], results["data_wait"]
+    results["targets"] = {
+        "stream_at_least_imagefolder": tp["ratio_stream_vs_imagefolder"] >= 1.0,
+        "data_wait_under_5pct": all(v["data_wait_fraction"] < 0.05 for v in dw.values()),
+    }
+    print_table(results)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+    return results
+
+
+def print_table(results: dict) -> None:
+    tp, dw = results["throughput"], results["data_wait"]
+    s = tp["settings"]
+    print(f"data pipeline throughput ({s['images']} JPEGs {s['jpeg_px']}px -> {s['img_size']}px, batch {s['batch']}, "
+          f"{s['workers']} workers, {s['transform']})")  # fmt: skip
+    print(f"  {'loader':<22}{'images/s':>12}{'vs ImageFolder':>16}")
+    base = tp["images_per_sec"]["imagefolder"]
+    for name, rate in tp["images_per_sec"].items():
+        print(f"  {name:<22}{rate:>12.1f}{rate / base:>15.2f}x")
+    print("data wait per training step (one rank: forward + backward + AdamW on this machine)")
+    print(f"  {'setting':<10}{'batch':>7}{'step s':>10}{'wait s':>10}{'wait %':>9}")
+    for name, r in dw.items():
+        print(f"  {name:<10}{r['batch_per_rank']:>7}{r['step_seconds']:>10.3f}{r['wait_seconds_per_step']:>10.4f}"
+              f"{100 * r['data_wait_fraction']:>8.2f}%")  # fmt: skip
+    t = results["targets"]
+    print(f"targets: stream >= ImageFolder: {'met' if t['stream_at_least_imagefolder'] else 'MISSED'}; "
+          f"data wait < 5%: {'met' if t['data_wait_under_5pct'] else 'MISSED'}")  # fmt: skip
