@@ -51,6 +51,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    stop_at: int = 0  # checkpoint and exit cleanly at this step (time-boxed jobs); 0: run to train.steps
     progress: bool = True
 
 
@@ -326,7 +327,15 @@ def validate(cfg: Config) -> None:
     _choice("run.resume", cfg.run.resume if cfg.run.resume in ("auto", "never") else "auto", ("auto", "never"))
     for key in ("steps", "global_batch_size", "grad_accum", "log_every"):
         _positive(f"train.{key}", getattr(t, key))
-    for key in ("eval_every", "checkpoint_every", "warmup_steps", "max_bad_steps", "weight_decay", "grad_clip"):
+    for key in (
+        "eval_every",
+        "checkpoint_every",
+        "warmup_steps",
+        "max_bad_steps",
+        "weight_decay",
+        "grad_clip",
+        "stop_at",
+    ):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
     _positive("train.lr", t.lr)
     _positive("train.keep_checkpoints", t.keep_checkpoints)

@@ -160,6 +160,11 @@ def train(cfg: Config) -> int:
                 save(step)
                 metrics.close()
                 return EXIT_REQUEUE
+            if t.stop_at and step == t.stop_at and step < t.steps:
+                log.info("train.stop_at=%d reached: checkpointing and stopping; rerun the command to continue", step)
+                save(step)
+                metrics.close()
+                return 0
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 run_eval(step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:

@@ -1,0 +1,154 @@
+"""`vimoe train` end to end on CPU ranks (torchrun, gloo): exact resume, resharding to another ep_size, ZeRO stages,
+export, and the one-line errors for bad layouts and inputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vimoe_dist.train.checkpoint import latest_tag, single_device_state_dict
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+TINY = [
+    "model.backbone=vit_tiny_patch16_224",
+    "model.img_size=16",
+    "model.backbone_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
+    "model.moe.layers=last-2",
+    "model.moe.num_experts=4",
+    "model.moe.group_size=4",
+    "train.global_batch_size=16",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+    "data.order=exact",
+    "data.num_workers=0",
+]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    from vimoe_dist.data import write_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(out)
+    return out
+
+
+def train(digits: Path, out: Path, nproc: int, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
+    data = [f"data.train={digits}/train-{{000000..000011}}.tar", f"data.val={digits}/val-{{000000..000002}}.tar"]
+    args = [
+        "-m",
+        "vimoe_dist",
+        "train",
+        "--config",
+        "configs/digits.yaml",
+        *data,
+        *TINY,
+        f"run.out_dir={out}",
+        *overrides,
+    ]
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[2])
+    assert proc.returncode == expect, proc.stderr[-4000:]
+    return proc
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    root = run / "checkpoints"
+    return single_device_state_dict(root, latest_tag(root))
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec and rec.get("loss") is not None:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_exact_resume_gives_the_same_weights(digits, tmp_path, zero_stage):
+    z = f"parallel.zero_stage={zero_stage}"
+    train(digits, tmp_path / "straight", 2, "train.steps=20", "parallel.ep_size=2", z)
+    resumed = tmp_path / "resumed"
+    train(digits, resumed, 2, "train.steps=20", "parallel.ep_size=2", z, "train.stop_at=10")
+    assert latest_tag(resumed / "checkpoints") == "step_00000010"
+    train(digits, resumed, 2, "train.steps=20", "parallel.ep_size=2", z)  # the same command again resumes
+    a, b = final_weights(tmp_path / "straight"), final_weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the weights did move between the two checkpoints: the comparison above can fail
+    mid = single_device_state_dict(resumed / "checkpoints", "step_00000010")
+    assert any(not torch.equal(mid[k], b[k]) for k in b)
+    assert losses(resumed)[20] == losses(tmp_path / "straight")[20]
+    assert (tmp_path / "straight" / "eval.json").is_file()
+
+
+@pytest.mark.parametrize(("nproc", "ep"), [(1, 1), (4, 4)])
+def test_resharding_to_another_ep_size_keeps_the_model(digits, tmp_path, nproc, ep):
+    straight = tmp_path / "straight"
+    train(digits, straight, 2, "train.steps=11", "parallel.ep_size=2")
+    moved = tmp_path / "moved"
+    train(digits, moved, 2, "train.steps=11", "parallel.ep_size=2", "train.stop_at=10")
+    proc = train(digits, moved, nproc, "train.steps=11", f"parallel.ep_size={ep}")
+    assert "optimizer state restarts" in proc.stderr
+    # step 11's loss is computed with the resharded weights before any update: it must match the straight run
+    assert losses(moved)[11] == pytest.approx(losses(straight)[11], rel=1e-4)
+
+
+def test_export_loads_without_deepspeed(digits, tmp_path):
+    run = tmp_path / "run"
+    train(digits, run, 2, "train.steps=4", "parallel.ep_size=2")
+    out = tmp_path / "model.safetensors"
+    subprocess.run(
+        [sys.executable, "-m", "vimoe_dist", "export", "--config", str(run / "config.yaml"), "--checkpoint", str(run),
+         "--out", str(out)], check=True, capture_output=True, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    from safetensors.torch import load_file
+
+    from vimoe_dist.config import load_config
+    from vimoe_dist.model import build_model
+
+    cfg = load_config(run / "config.yaml", [f"model.pretrained={out}"])
+    model = build_model(cfg.model)
+    state = load_file(str(out))
+    assert state["blocks.1.mlp.experts.fc1_weight"].shape[0] == 4  # every expert, from both ranks
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["parallel.ep_size=3"], "parallel.ep_size"),  # does not divide num_experts
+        (["parallel.ep_size=2"], "parallel.ep_size"),  # does not divide the world size of 1
+        (["train.global_batch_size=6"], "model.moe.group_size"),  # 6 images per rank, groups of 4
+        (["data.train=/nonexistent/train-{000000..000003}.tar"], "data.train"),
+        (["run.out_dir=/proc/vimoe-cannot-write"], "run.out_dir"),
+    ],
+)
+def test_bad_input_is_one_line_before_training(digits, tmp_path, overrides, needle):
+    # one process: under torchrun the agent adds its own report of the failed worker
+    proc = train(digits, tmp_path / "bad", 1, "train.steps=2", "parallel.ep_size=1", *overrides, expect=2)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors and needle in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_incompatible_checkpoint_is_a_clear_error(digits, tmp_path):
+    run = tmp_path / "run"
+    train(digits, run, 1, "train.steps=2", "parallel.ep_size=1")
+    proc = train(digits, run, 1, "train.steps=4", "parallel.ep_size=1", "model.backbone_kwargs={patch_size: 4, "
+                 "embed_dim: 48, depth: 2, num_heads: 2}", expect=2)  # fmt: skip
+    assert "does not fit" in proc.stderr and "Traceback" not in proc.stderr
