@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     train_arguments(t)
     t.set_defaults(func=_train)
     d = bsub.add_parser("data", help="the WebDataset pipeline against torchvision's ImageFolder")
-    d.add_argument("rest", nargs=argparse.REMAINDER, help="options of bench/bench_data.py")
+    d.add_argument("--quick", action="store_true", help="fewer images and steps (a smoke run)")
+    d.add_argument("--out", default="bench/results/data.json")
     d.set_defaults(func=_data)
     a = bsub.add_parser("all", help="moe, train and data with their defaults")
     a.set_defaults(func=_all)
@@ -36,9 +37,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from vimoe_dist.data.bench import main
+    from vimoe_dist.data.bench import run_data_bench
 
-    return main(args.rest) or 0
+    run_data_bench(args.out, quick=args.quick)
+    return 0
 
 
 def _all(args: argparse.Namespace) -> int:

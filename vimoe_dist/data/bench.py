@@ -142,7 +142,7 @@ def data_wait(cfg: Config, rank: int, world_size: int, steps: int, warmup: int =
     }
 
 
-def run_data_bench(out: str | os.PathLike | None = "runs/bench/data.json", quick: bool = False) -> dict:
+def run_data_bench(out: str | os.PathLike | None = "bench/results/data.json", quick: bool = False) -> dict:
     """Runs both measurements, prints the table, writes the JSON; returns the results."""
     from vimoe_dist.data.digits import write_digits
     from vimoe_dist.data.synthetic import write_synthetic
@@ -183,6 +183,18 @@ def run_data_bench(out: str | os.PathLike | None = "runs/bench/data.json", quick
         Path(out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")
     return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vimoe bench data [--quick] [--out FILE]` and `python bench/bench_data.py ...`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="vimoe bench data", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/data.json", help="JSON results file")
+    parser.add_argument("--quick", action="store_true", help="fewer images and steps (a smoke run)")
+    args = parser.parse_args(argv)
+    run_data_bench(args.out, quick=args.quick)
+    return 0
 
 
 def print_table(results: dict) -> None:
