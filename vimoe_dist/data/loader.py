@@ -92,7 +92,22 @@ def _loader(dataset, cfg: Config, sampler=None) -> DataLoader:
         prefetch_factor=cfg.data.prefetch if workers else None,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals if workers else None,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore the preemption signals (SIGTERM, SIGUSR1).
+
+    torchrun and Slurm signal a rank's whole process group, workers included. Torch's worker handler would let
+    SIGTERM kill the worker, and the rank would die with "DataLoader worker killed" before it could save its
+    checkpoint. The rank alone handles the request (train/signals.py); its workers stop with it, and exit by
+    themselves when it dies (torch's parent watchdog).
+    """
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _unwrap(e: UserError) -> UserError:

@@ -1,0 +1,60 @@
+"""DataLoader workers survive the preemption signals that torchrun and Slurm send to a rank's whole process group.
+
+Without this the worker dies of SIGTERM ("DataLoader worker killed") and takes the rank with it before it can
+checkpoint. Real worker processes, real signals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from vimoe_dist.config import load_config
+from vimoe_dist.data import build_train_loader
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_workers_ignore_stop_signals(digits_dir, sig):
+    cfg = load_config(
+        None,
+        [
+            f"data.train={digits_dir}/train-{{000000..000011}}.tar",
+            "model.img_size=8",
+            "model.num_classes=10",
+            "model.moe.group_size=4",
+            "train.global_batch_size=8",
+            "data.order=exact",
+            "data.num_workers=2",
+        ],
+    )
+    before = set(_children(os.getpid()))
+    batches = iter(build_train_loader(cfg, 0, 1))
+    first = next(batches)
+    workers = [p for p in _children(os.getpid()) if p not in before]
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, sig)
+    time.sleep(0.5)
+    # the workers are alive and keep producing batches
+    for pid in workers:
+        os.kill(pid, 0)
+    later = [next(batches) for _ in range(4)]
+    assert all(b["image"].shape == first["image"].shape for b in later)
+    del batches
