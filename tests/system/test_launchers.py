@@ -101,3 +101,33 @@ def test_torchrun_restarts_after_kill_9_and_resumes(digits, tmp_path):
     # the restarted ranks went back to the last checkpoint, not to step 0: at most `every` steps were done twice
     resumed = digits.resumed_at(log)
     assert len(resumed) == 1 and 0 < resumed[0] <= killed_at <= resumed[0] + every, (killed_at, resumed, log[-3000:])
+
+
+@pytest.mark.system
+def test_hostfile_no_ssh_across_two_nodes(slurm_cluster, digits, tmp_path):
+    """Each "node" (a network namespace of the test cluster with its own hostname and address) runs the same
+    `vimoe launch hostfile --no-ssh` with its node rank, as on a cluster whose scheduler starts one agent per node;
+    the two ranks (ep_size 2) talk over the link between the namespaces."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("vn1 slots=1\nvn2 slots=1\n")
+    out = tmp_path / "run"
+    runs = []
+    for node_rank, node in enumerate(("vn1", "vn2")):
+        argv = [
+            str(CLUSTER_SCRIPT), "on", node, sys.executable, "-m", "vimoe_dist", "launch", "hostfile",
+            "--hostfile", str(hostfile), "--no-ssh", f"--node-rank={node_rank}", "--master-addr=vn1",
+            "--master-port=29531", "--env", "VIMOE_NODE_CHECK=1", "--config", str(digits.config),
+            *digits.overrides(out, 6, 0),
+        ]  # fmt: skip
+        runs.append(Started(argv, tmp_path / f"{node}.log"))
+    try:
+        results = [run.finish() for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+    log = "\n".join(text for _, text in results)
+    assert [code for code, _ in results] == [0, 0], log
+    printed = next(line for line in results[1][1].splitlines() if "deepspeed.launcher.runner" in line)
+    assert printed.startswith("env VIMOE_NODE_CHECK=1 ") and "--no_ssh --node_rank=1" in printed, log
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in results[1][1], log
+    assert digits.steps(out)[-1] == 6 and digits.eval_result(out)["images"] > 0, log
