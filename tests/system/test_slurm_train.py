@@ -1,7 +1,8 @@
 """`vimoe launch slurm --submit` on the real test cluster (conftest.py): the digits config trained expert-parallel as
-a 1-node 2-task job and as a 2-node job whose two ranks (ep_size 2) sit in different network namespaces, and a job
-requeued mid-run (`scontrol requeue`: SIGTERM to the ranks, a checkpoint, exit 75) that comes back and finishes from
-its checkpoint. Runs are cut to a few small steps; each one still pays for starting Python, torch and DeepSpeed.
+a 2-node job whose two ranks (ep_size 2) sit in different network namespaces, and as a 1-node 2-task job requeued
+mid-run (`scontrol requeue`: SIGTERM to the ranks, a checkpoint, exit 75) that comes back and finishes from its
+checkpoint. Runs are cut to a few small steps and share one job where they can: each one still pays for starting
+Python, torch and DeepSpeed.
 """
 
 from __future__ import annotations
@@ -36,16 +37,6 @@ def finish(slurm_cluster, job_id: int, out, timeout: float = 840) -> tuple[dict,
     return info, slurm_cluster.logs(out / "slurm")
 
 
-def test_one_node_two_tasks_trains_expert_parallel(slurm_cluster, digits, tmp_path):
-    job_id, out = submit(slurm_cluster, digits, tmp_path, "digits-1n", nodes=1, tasks=2, steps=6, checkpoint_every=0)
-    info, log = finish(slurm_cluster, job_id, out)
-    assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "1" and info["NumTasks"] == "2", log
-    assert digits.steps(out)[-1] == 6, log
-    assert digits.eval_result(out)["images"] > 0, log
-    assert yaml.safe_load((out / "config.yaml").read_text())["parallel"]["ep_size"] == 2
-    assert f"digits-1n-{job_id}.out" in {p.name for p in (out / "slurm").iterdir()}  # log named by job id
-
-
 def test_two_nodes_train_with_experts_split_across_the_link(slurm_cluster, digits, tmp_path):
     job_id, out = submit(slurm_cluster, digits, tmp_path, "digits-2n", nodes=2, tasks=1, steps=6, checkpoint_every=0)
     info, log = finish(slurm_cluster, job_id, out)
@@ -55,7 +46,8 @@ def test_two_nodes_train_with_experts_split_across_the_link(slurm_cluster, digit
     assert "master vn1:" in log
 
 
-def test_requeued_job_resumes_from_its_checkpoint(slurm_cluster, digits, tmp_path):
+def test_one_node_job_requeued_mid_run_resumes_and_finishes(slurm_cluster, digits, tmp_path):
+    """A 1-node, 2-task job trains the digits config expert-parallel (ep_size 2) and is requeued mid-run."""
     every = 4
     job_id, out = submit(
         slurm_cluster, digits, tmp_path, "digits-rq", nodes=1, tasks=2, steps=30, checkpoint_every=every
@@ -71,6 +63,9 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm_cluster, digits, tmp_pat
         raise
     info, log = finish(slurm_cluster, job_id, out)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert info["NumNodes"] == "1" and info["NumTasks"] == "2", info
+    assert yaml.safe_load((out / "config.yaml").read_text())["parallel"]["ep_size"] == 2
+    assert f"digits-rq-{job_id}.out" in {p.name for p in (out / "slurm").iterdir()}  # one log, named by job id
     assert "restart 1" in log and digits.steps(out)[-1] == 30 and digits.eval_result(out)["images"] > 0, log
     # SIGTERM: the ranks finish their step and checkpoint it, so the requeued job resumes where it stopped; in any
     # case no more than checkpoint_every steps may be lost
