@@ -16,6 +16,7 @@ from vimoe_dist.analysis.prune import (
     dense_ffn,
     parse_keep_layers,
     prune_model,
+    read_dense_ffn_sizes,
     save_pruned,
 )
 from vimoe_dist.config import load_config
@@ -123,10 +124,12 @@ def test_pruned_model_saves_and_loads(tmp_path, mode: str, shared: bool) -> None
     x = torch.randn(2, 3, 28, 28)
     want = model(x)
     path = save_pruned(model, tmp_path)
+    wide = mode == "average" and shared
+    assert read_dense_ffn_sizes(path) == {0: 128, 1: 128, 2: 256 if wide else 128}
     new_cfg = copy.deepcopy(cfg)
     new_cfg.model.moe.layers = [3]
     new_cfg.model.pretrained = str(path)
-    if mode == "average" and shared:
+    if wide:
         # the dense FFN holds both hidden layers (2 x 128): wider than the backbone's, build_model alone cannot fit it
         loaded = load_weights_file(new_cfg, path).eval()
         assert loaded.blocks[2].mlp.fc1.out_features == 256

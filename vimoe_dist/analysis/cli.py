@@ -162,6 +162,9 @@ def _prune(args: argparse.Namespace) -> int:
             f"top-1 before {report['top1_before']:.4f}, after {report['top1_after']:.4f} ({report['images']} images); "
             f"pruned blocks {report['pruned'] or 'none'} ({report['mode']}), kept {report['keep'] or 'none'}"
         )
+        if report["pruned"]:
+            sizes = ", ".join(f"block {b}: {h}" for b, h in report["dense_ffn_hidden"].items())
+            print(f"hidden units of the new dense FFNs: {sizes}")
         print(f"wrote {report['weights']} and {report['config']}; fine-tune: vimoe train --config {report['config']}")
         print(json.dumps({k: report[k] for k in ("top1_before", "top1_after", "images", "keep", "pruned", "mode")}))
     return 0

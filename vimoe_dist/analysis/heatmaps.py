@@ -122,7 +122,7 @@ def plot_overview(
     blocks = sorted(image_matrices)
     if not blocks:
         raise ValueError("no MoE layers to draw")
-    fig = Figure(figsize=(1.2 + 2.6 * len(blocks), 6.0), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 1.2 + 2.6 * len(blocks)), 6.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(blocks), sharey=False, squeeze=False)[0]
     im = None
@@ -137,7 +137,7 @@ def plot_overview(
             title += f" ({decisions[block]})"
         im = _draw(ax, data, labels, ylabel if ax is axes[0] else "", title, 1.0)
     fig.colorbar(im, ax=list(axes), label="share of a class's images routed to the expert", shrink=0.9)
-    fig.suptitle("Routing by class in every MoE layer (classes grouped by most-used expert per layer)", fontsize=11)
+    fig.suptitle("Routing by class in every MoE layer", fontsize=11)
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path

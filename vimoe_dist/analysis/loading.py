@@ -62,14 +62,14 @@ def load_model(cfg: Config, checkpoint: str | Path):
 def load_weights_file(cfg: Config, file: Path):
     """`build_model` with `model.pretrained` = `file`; dense FFNs are first widened to the file's (a block pruned
     with `--mode average` next to a shared expert holds both hidden layers)."""
-    from vimoe_dist.analysis.prune import fit_dense_ffns
+    from vimoe_dist.analysis.prune import fit_dense_ffns, read_dense_ffn_sizes
     from vimoe_dist.model import build_model, load_state_dict_file
 
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.pretrained = None
     model = build_model(model_cfg)
     state = load_state_dict_file(file, cfg.run.trust_checkpoint)
-    fit_dense_ffns(model, state)
+    fit_dense_ffns(model, read_dense_ffn_sizes(file))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         key = (missing or unexpected)[0]

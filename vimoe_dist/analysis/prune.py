@@ -17,6 +17,7 @@ The result is a plain ViT block FFN (timm `Mlp`), so the pruned model is a ViMoE
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -113,29 +114,50 @@ def prune_model(
     return pruned
 
 
+def dense_ffn_sizes(model: nn.Module) -> dict[int, int]:
+    """Block -> hidden size of every dense (timm `Mlp`) block FFN. A block pruned with `average` next to a shared
+    expert holds both hidden layers and is wider than the backbone's."""
+    return {i: b.mlp.fc1.out_features for i, b in enumerate(model.blocks) if isinstance(b.mlp, Mlp)}
+
+
 @torch.no_grad()
-def fit_dense_ffns(model: nn.Module, state: dict[str, torch.Tensor]) -> list[int]:
-    """Widens dense block FFNs to the hidden size the state dict holds (a pruned `average` block with a shared
-    expert has both hidden layers), so that `load_state_dict` fits; returns the blocks it changed."""
+def fit_dense_ffns(model: nn.Module, sizes: dict[int, int]) -> list[int]:
+    """Rebuilds the dense FFN of each block in `sizes` whose hidden size differs (fresh weights, to be loaded), so
+    that a state dict written by `vimoe prune` fits; returns the blocks it changed."""
     changed = []
-    for i, block in enumerate(getattr(model, "blocks", [])):
-        w = state.get(f"blocks.{i}.mlp.fc1.weight")
-        mlp = block.mlp
-        if w is None or not isinstance(mlp, Mlp) or mlp.fc1.weight.shape == w.shape:
+    for i, hidden in sorted(sizes.items()):
+        mlp = model.blocks[i].mlp
+        if not isinstance(mlp, Mlp):
+            continue  # an MoE block in this config: the state dict's keys decide whether it fits
+        if mlp.fc1.out_features == hidden:
             continue
-        wide = Mlp(w.shape[1], w.shape[0], mlp.fc2.out_features)
+        wide = Mlp(mlp.fc1.in_features, hidden, mlp.fc2.out_features)
         wide.act = copy.deepcopy(mlp.act)
-        block.mlp = wide
+        model.blocks[i].mlp = wide
         changed.append(i)
     return changed
 
 
+def read_dense_ffn_sizes(path: str | Path) -> dict[int, int]:
+    """The `dense_ffn_hidden` metadata `save_pruned` writes into the safetensors file ({} for any other file)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {int(k): int(v) for k, v in json.loads(meta.get("dense_ffn_hidden", "{}")).items()}
+
+
 def save_pruned(model: nn.Module, out_dir: str | Path) -> Path:
-    """The single-device state dict as `model.safetensors` (what `model.pretrained` loads)."""
+    """The single-device state dict as `model.safetensors` (what `model.pretrained` loads), with the hidden size of
+    every dense block FFN in its metadata (`dense_ffn_hidden`, for `fit_dense_ffns`)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    meta = {"format": "vimoe", "dense_ffn_hidden": json.dumps({str(k): v for k, v in dense_ffn_sizes(model).items()})}
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
     return path

@@ -61,6 +61,7 @@ def prune_checkpoint(
         "images": before.images,
         "params_before": params_before,
         "params_after": sum(p.numel() for p in model.parameters()),
+        "dense_ffn_hidden": {str(b): model.blocks[b].mlp.fc1.out_features for b in pruned},
         "expert_gate_per_token": {str(b): [round(float(g), 6) for g in gates[b]] for b in pruned},
         "weights": str(out / "model.safetensors"),
         "config": str(out / "config.yaml"),
