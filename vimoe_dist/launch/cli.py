@@ -4,8 +4,8 @@ stops there. The config is loaded and validated first, so a typo fails here and 
 
     vimoe launch local --nproc 2 --config configs/digits.yaml train.steps=50
     vimoe launch local --nproc 2 --launcher torchrun --max-restarts 1 --config configs/digits.yaml
-    vimoe launch hostfile --hostfile launcher/deepspeed/hostfile --config configs/vimoe_s.yaml
-    vimoe launch slurm --nodes 2 --gpus-per-node 8 --time 4:00:00 --submit --config configs/vimoe_s.yaml
+    vimoe launch hostfile --hostfile launcher/deepspeed/hostfile --config configs/vimoe_s14_imagenet.yaml
+    vimoe launch slurm --nodes 2 --gpus-per-node 8 --time 4:00:00 --submit --config configs/vimoe_s14_imagenet.yaml
 """
 
 from __future__ import annotations
