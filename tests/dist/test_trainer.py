@@ -3,6 +3,7 @@ export, and the one-line errors for bad layouts and inputs."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,40 +76,48 @@ def losses(run: Path) -> dict[int, float]:
     return out
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
-def test_exact_resume_gives_the_same_weights(digits, tmp_path, zero_stage):
-    z = f"parallel.zero_stage={zero_stage}"
-    train(digits, tmp_path / "straight", 2, "train.steps=20", "parallel.ep_size=2", z)
-    resumed = tmp_path / "resumed"
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda z: f"zero{z}")
+def runs(request, digits, tmp_path_factory) -> dict[str, Path]:
+    """20 steps straight, and 10 steps then the same command again (which resumes), at one ZeRO stage, 2 ranks."""
+    tmp = tmp_path_factory.mktemp(f"zero{request.param}")
+    z = f"parallel.zero_stage={request.param}"
+    train(digits, tmp / "straight", 2, "train.steps=20", "parallel.ep_size=2", z)
+    resumed = tmp / "resumed"
     train(digits, resumed, 2, "train.steps=20", "parallel.ep_size=2", z, "train.stop_at=10")
     assert latest_tag(resumed / "checkpoints") == "step_00000010"
-    train(digits, resumed, 2, "train.steps=20", "parallel.ep_size=2", z)  # the same command again resumes
-    a, b = final_weights(tmp_path / "straight"), final_weights(resumed)
+    shutil.copytree(resumed, tmp / "at10")  # the step-10 checkpoint, for resharding
+    train(digits, resumed, 2, "train.steps=20", "parallel.ep_size=2", z)
+    return {"straight": tmp / "straight", "resumed": resumed, "at10": tmp / "at10", "zero": request.param}
+
+
+def test_exact_resume_gives_the_same_weights(runs):
+    a, b = final_weights(runs["straight"]), final_weights(runs["resumed"])
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # the weights did move between the two checkpoints: the comparison above can fail
-    mid = single_device_state_dict(resumed / "checkpoints", "step_00000010")
+    mid = single_device_state_dict(runs["resumed"] / "checkpoints", "step_00000010")
     assert any(not torch.equal(mid[k], b[k]) for k in b)
-    assert losses(resumed)[20] == losses(tmp_path / "straight")[20]
-    assert (tmp_path / "straight" / "eval.json").is_file()
+    assert losses(runs["resumed"])[20] == losses(runs["straight"])[20]
+    assert (runs["straight"] / "eval.json").is_file()
 
 
 @pytest.mark.parametrize(("nproc", "ep"), [(1, 1), (4, 4)])
-def test_resharding_to_another_ep_size_keeps_the_model(digits, tmp_path, nproc, ep):
-    straight = tmp_path / "straight"
-    train(digits, straight, 2, "train.steps=11", "parallel.ep_size=2")
+def test_resharding_to_another_ep_size_keeps_the_model(runs, digits, tmp_path, nproc, ep):
+    if runs["zero"] != 0:
+        pytest.skip("resharding is checked once, from the ZeRO-0 checkpoint")
     moved = tmp_path / "moved"
-    train(digits, moved, 2, "train.steps=11", "parallel.ep_size=2", "train.stop_at=10")
-    proc = train(digits, moved, nproc, "train.steps=11", f"parallel.ep_size={ep}")
+    shutil.copytree(runs["at10"], moved)
+    proc = train(digits, moved, nproc, "train.steps=20", f"parallel.ep_size={ep}", "train.stop_at=11")
     assert "optimizer state restarts" in proc.stderr
     # step 11's loss is computed with the resharded weights before any update: it must match the straight run
-    assert losses(moved)[11] == pytest.approx(losses(straight)[11], rel=1e-4)
+    assert losses(moved)[11] == pytest.approx(losses(runs["straight"])[11], rel=1e-4)
 
 
-def test_export_loads_without_deepspeed(digits, tmp_path):
-    run = tmp_path / "run"
-    train(digits, run, 2, "train.steps=4", "parallel.ep_size=2")
+def test_export_loads_without_deepspeed(runs, tmp_path):
+    if runs["zero"] != 2:
+        pytest.skip("export is checked once, from the ZeRO-2 run")
+    run = runs["straight"]
     out = tmp_path / "model.safetensors"
     subprocess.run(
         [sys.executable, "-m", "vimoe_dist", "export", "--config", str(run / "config.yaml"), "--checkpoint", str(run),
@@ -121,10 +130,12 @@ def test_export_loads_without_deepspeed(digits, tmp_path):
 
     cfg = load_config(run / "config.yaml", [f"model.pretrained={out}"])
     model = build_model(cfg.model)
-    state = load_file(str(out))
+    state, saved = load_file(str(out)), final_weights(run)
     assert state["blocks.1.mlp.experts.fc1_weight"].shape[0] == 4  # every expert, from both ranks
+    assert state.keys() == saved.keys()
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+        assert torch.equal(value, saved[key]), key
 
 
 @pytest.mark.parametrize(
@@ -146,9 +157,11 @@ def test_bad_input_is_one_line_before_training(digits, tmp_path, overrides, need
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
-def test_incompatible_checkpoint_is_a_clear_error(digits, tmp_path):
+def test_incompatible_checkpoint_is_a_clear_error(runs, digits, tmp_path):
+    if runs["zero"] != 0:
+        pytest.skip("checked once")
     run = tmp_path / "run"
-    train(digits, run, 1, "train.steps=2", "parallel.ep_size=1")
-    proc = train(digits, run, 1, "train.steps=4", "parallel.ep_size=1", "model.backbone_kwargs={patch_size: 4, "
-                 "embed_dim: 48, depth: 2, num_heads: 2}", expect=2)  # fmt: skip
+    shutil.copytree(runs["at10"], run)
+    wider = "model.backbone_kwargs={patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}"
+    proc = train(digits, run, 1, "train.steps=20", "parallel.ep_size=1", wider, expect=2)
     assert "does not fit" in proc.stderr and "Traceback" not in proc.stderr
