@@ -21,6 +21,7 @@
 # Everything lives under $VIMOE_SLURM_DIR (default /tmp/vimoe-slurm); clients need SLURM_CONF=$VIMOE_SLURM_DIR/slurm.conf
 # and must run inside vimoe-ctl (`run` does both). Needs root (namespaces, daemons).
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # the daemons and ip live in sbin, which a non-login PATH may lack
 
 BASE=${VIMOE_SLURM_DIR:-/tmp/vimoe-slurm}
 CONF=$BASE/slurm.conf
@@ -138,10 +139,17 @@ as_machine() {
 }
 
 start_daemons() {
-    as_machine "$CTL_NS" vimoe-ctl slurmctld -f "$CONF" -i
+    as_machine "$CTL_NS" vimoe-ctl slurmctld -f "$CONF" -i || fail_with_log slurmctld "$BASE/log/slurmctld.log"
     for i in "${!NODES[@]}"; do
-        as_machine "${NODE_NS[$i]}" "${NODES[$i]}" slurmd -f "$CONF" -N "${NODES[$i]}"
+        as_machine "${NODE_NS[$i]}" "${NODES[$i]}" slurmd -f "$CONF" -N "${NODES[$i]}" ||
+            fail_with_log "slurmd ${NODES[$i]}" "$BASE/log/slurmd-${NODES[$i]}.log"
     done
+}
+
+fail_with_log() {
+    log "$1 did not start; the end of $2:"
+    tail -n 15 "$2" >&2 || true
+    return 1
 }
 
 wait_idle() {
