@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from vimoe_dist import __version__
@@ -37,9 +38,27 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> N
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dot-list overrides, e.g. train.steps=10")
 
 
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher inserts `--local_rank=N` before the subcommand (`-m vimoe_dist --local_rank=1 train
+    ...`); the rank also arrives as LOCAL_RANK, so the argument is taken out wherever it stands."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(strip_local_rank(sys.argv[1:] if argv is None else argv))
     try:
         code = args.func(args)
     except UserError as e:

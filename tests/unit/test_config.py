@@ -57,3 +57,36 @@ def test_layers_against_depth():
         parse_layers("last-7", depth=6)
     with pytest.raises(ConfigError, match="block 6"):
         parse_layers([6], depth=6)
+
+
+def test_router_names_match_the_registry():
+    from vimoe_dist.config import ROUTER_NAMES
+    from vimoe_dist.model.moe.routers import ROUTERS
+
+    assert tuple(sorted(ROUTERS)) == ROUTER_NAMES
+
+
+def test_loading_a_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from vimoe_dist.config import load_config; load_config('configs/digits.yaml'); " \
+           "print('torch' in sys.modules)"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_deepspeed_launchers_local_rank_is_accepted_anywhere(monkeypatch):
+    from vimoe_dist.cli import strip_local_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert strip_local_rank(["--local_rank=1", "train", "--config", "c.yaml", "a=1"]) == [
+        "train",
+        "--config",
+        "c.yaml",
+        "a=1",
+    ]
+    import os
+
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert strip_local_rank(["train", "--local-rank", "3", "--config", "c.yaml"]) == ["train", "--config", "c.yaml"]

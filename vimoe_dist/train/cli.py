@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 
 from vimoe_dist.cli import add_config_args
@@ -12,9 +11,7 @@ from vimoe_dist.cli import add_config_args
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train (one rank of a job, or a single process)")
-    add_config_args(p)
-    # the deepspeed launcher appends --local_rank=N; the job reads LOCAL_RANK from the environment as well
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_config_args(p)  # the deepspeed launcher's --local_rank=N is taken out of argv by vimoe_dist.cli.main
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint; prints one JSON line with top1, top5, loss, images")
@@ -32,12 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _load(args: argparse.Namespace):
     from vimoe_dist.config import load_config
 
-    return load_config(args.config, _strip_local_rank(args.overrides))
-
-
-def _strip_local_rank(overrides: list[str]) -> list[str]:
-    # argparse leaves `--local_rank=N` in the overrides when it follows them
-    return [o for o in overrides if not re.match(r"^--local[_-]rank(=\d+)?$", o)]
+    return load_config(args.config, args.overrides)
 
 
 def _train(args: argparse.Namespace) -> int:
