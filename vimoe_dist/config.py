@@ -104,6 +104,7 @@ class ModelConfig:
     drop_path: float = 0.0
     global_pool: str = "token"
     backbone_kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (depth, embed_dim, ...)
+    dense_ffn_hidden: dict = field(default_factory=dict)  # block -> hidden size of its dense FFN (`vimoe prune`)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
@@ -351,6 +352,9 @@ def validate(cfg: Config) -> None:
     _positive("parallel.timeout_s", p.timeout_s)
     _positive("model.img_size", m.img_size)
     _positive("model.num_classes", m.num_classes)
+    for block, hidden in m.dense_ffn_hidden.items():
+        if not isinstance(block, int) or isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ConfigError(f"model.dense_ffn_hidden: {block!r}: {hidden!r} is not block index: hidden size")
     if not 0 <= m.drop_path < 1:
         raise ConfigError(f"model.drop_path: must be in [0, 1), got {m.drop_path!r}")
     _positive("model.moe.num_experts", moe.num_experts)

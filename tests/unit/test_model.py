@@ -181,3 +181,19 @@ def test_group_size_must_divide_batch():
     layer = build_moe(16, 32, smoke_cfg("model.moe.group_size=3").model.moe)
     with pytest.raises(ValueError, match=r"model\.moe\.group_size"):
         layer(torch.randn(4, 5, 16))
+
+
+def test_dense_ffn_hidden_widens_blocks_and_loads_a_pruned_file(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = smoke_cfg(TINY, "model.moe.layers=[3]", "model.dense_ffn_hidden={2: 512}")
+    model = build_model(cfg.model)
+    assert model.blocks[2].mlp.fc1.out_features == 512 and model.blocks[1].mlp.fc1.out_features == 256
+    path = tmp_path / "pruned.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    cfg.model.pretrained = str(path)
+    again = build_model(cfg.model).eval()
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(again(x), model.eval()(x))
+    with pytest.raises(ConfigError, match="dense_ffn_hidden"):
+        build_model(smoke_cfg(TINY, "model.dense_ffn_hidden={9: 512}").model)

@@ -70,6 +70,7 @@ def prune_checkpoint(
         save_pruned(model, out)
         new_cfg = copy.deepcopy(cfg)
         new_cfg.model.moe.layers = list(keep)
+        new_cfg.model.dense_ffn_hidden = {b: model.blocks[b].mlp.fc1.out_features for b in pruned}
         new_cfg.model.pretrained = report["weights"]
         new_cfg.run.out_dir = str(out / "finetune")
         save_config(new_cfg, out / "config.yaml")

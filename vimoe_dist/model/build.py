@@ -94,7 +94,7 @@ def build_dense(model_cfg: ModelConfig) -> nn.Module:
     """The timm ViT backbone, without pretrained weights (they come from a file through `load_pretrained`)."""
     kwargs = dict(model_cfg.backbone_kwargs)
     try:
-        return timm.create_model(
+        vit = timm.create_model(
             model_cfg.backbone,
             pretrained=False,
             img_size=model_cfg.img_size,
@@ -108,6 +108,20 @@ def build_dense(model_cfg: ModelConfig) -> nn.Module:
         raise ConfigError(f"model.backbone: {model_cfg.backbone!r}: {e}") from None
     except TypeError as e:
         raise ConfigError(f"model.backbone_kwargs: {kwargs!r} not accepted by {model_cfg.backbone}: {e}") from None
+    resize_dense_ffns(vit, model_cfg.dense_ffn_hidden)
+    return vit
+
+
+def resize_dense_ffns(vit: nn.Module, hidden_by_block: dict[int, int]) -> None:
+    """Gives the listed blocks a dense FFN of another hidden size (fresh weights, to be loaded): a block that
+    `vimoe prune --mode average` turned dense next to a shared expert holds both hidden layers."""
+    depth = len(vit.blocks)
+    for block, hidden in sorted(hidden_by_block.items()):
+        if not -depth <= block < depth:
+            raise ConfigError(f"model.dense_ffn_hidden: block {block} is beyond the backbone's depth {depth}")
+        mlp = vit.blocks[block].mlp
+        if isinstance(mlp, Mlp) and mlp.fc1.out_features != hidden:
+            vit.blocks[block].mlp = Mlp(mlp.fc1.in_features, hidden, mlp.fc2.out_features, act_layer=type(mlp.act))
 
 
 def build_model(model_cfg: ModelConfig, trust_checkpoint: bool = False) -> nn.Module:
