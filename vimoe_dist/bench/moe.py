@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
         keep = set(args.only.split(","))
         variants = {n: f for n, f in variants.items() if n in keep or n.startswith("dense")}
 
-    times = interleaved(variants, rounds=args.rounds, warmup=1)
+    times = interleaved(variants, rounds=args.rounds)
     rows = []
     for name, t in times.items():
         k = meta[name]["k"]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def interleaved(variants: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, float]:
+def interleaved(variants: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each variant."""
     for fn in variants.values():
         for _ in range(warmup):

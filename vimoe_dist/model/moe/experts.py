@@ -49,10 +49,12 @@ class GroupedExperts(nn.Module):
     def forward(self, x_XD: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
         sizes = counts_E.tolist() if torch.is_tensor(counts_E) else list(counts_E)
         outs = []
+        # unbind, not indexing: the backward of w[e] would build a zero gradient of the whole bank for every
+        # expert, while unbind's backward stacks the per-expert gradients once
+        w1, b1, w2, b2 = (p.unbind(0) for p in (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias))
         # empty slices run too (they cost nothing): every expert's weights then get a (zero) gradient on every rank
         for e, x in enumerate(torch.split(x_XD, sizes)):
-            h = self.act(F.linear(x, self.fc1_weight[e], self.fc1_bias[e]))
-            outs.append(F.linear(h, self.fc2_weight[e], self.fc2_bias[e]))
+            outs.append(F.linear(self.act(F.linear(x, w1[e], b1[e])), w2[e], b2[e]))
         return torch.cat(outs)
 
     def extra_repr(self) -> str:
