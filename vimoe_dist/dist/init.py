@@ -33,11 +33,27 @@ def init_distributed(cfg: Config) -> DistEnv:
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(env.local_rank)
+    timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+    set_default_group_timeout(timeout)
     deepspeed.init_distributed(
         dist_backend=backend,
-        timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
+        timeout=timeout,
         verbose=False,
         rank=env.rank,
         world_size=env.world_size,
     )
     return env
+
+
+def set_default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Makes `timeout` the default of every process group created later, not only of the world group.
+
+    DeepSpeed creates its expert-parallel and expert-data-parallel groups with `dist.new_group(ranks)`, which takes
+    torch's module default (30 min for gloo, 10 min for NCCL) instead of the world group's timeout: a rank that hangs
+    inside the all-to-all would keep the others waiting that long whatever `parallel.timeout_s` says.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
