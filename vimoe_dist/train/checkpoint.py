@@ -10,16 +10,21 @@ Layout of `run.out_dir/checkpoints/`:
         COMPLETE                        written by rank 0 after every rank finished this tag
     latest                              the newest complete tag; replaced atomically, always last
 
-A save counts only once `COMPLETE` and `latest` exist; both are written after a barrier that every rank reaches only
-when its own files are on disk, so a crash in the middle of a save leaves the previous checkpoint the one resumed.
+A save counts only once `COMPLETE` and `latest` exist; both are written after an all-reduce that tells every rank
+that every other one has its files on disk, so a crash in the middle of a save (kill -9 of any rank) leaves the
+previous checkpoint the one resumed. DeepSpeed's own `latest` is never written (`save_latest=False`): it would name
+the tag before all ranks finished. A full or read-only disk is one error naming the directory and the reason, agreed
+on by every rank before DeepSpeed writes anything; weights with a NaN or inf are never saved.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,47 +39,160 @@ log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d{8})$")
 EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 EXPERT_KEY_RE = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
+NEARLY_FULL = 1 << 20  # bytes free below which a failed torch.save is reported as a full disk
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(root: Path, tag: str) -> int:
+    """The step a tag holds: from its name (`step_N`), else from its client state (a tag named by hand)."""
+    m = TAG_RE.match(tag)
+    if m:
+        return int(m.group(1))
+    main = Path(root) / tag / "mp_rank_00_model_states.pt"
+    try:
+        return int(_load_ours(main).get("step", 0))
+    except (OSError, RuntimeError, ValueError, TypeError):
+        return 0
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write-to-temp, fsync, rename, fsync the directory: readers see the old file or the whole new one, also after
+    a power loss; a failed write leaves no temp file behind."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def save(engine, root: Path, step: int, client_state: dict, rank_state: dict, keep: int) -> None:
-    """Saves tag `step_N` on every rank; raises UserError (naming the directory) when it cannot be written."""
-    rank = dist.get_rank()
+def save(
+    engine,
+    root: Path,
+    step: int,
+    client_state: dict,
+    rank_state: dict,
+    keep: int,
+    fault_point: Callable[[int], None] | None = None,
+) -> bool:
+    """Saves tag `step_N` on every rank (collective); returns False when it refused to save non-finite weights.
+
+    Order: refuse non-finite weights; clear debris of an earlier attempt at this tag; this rank's state file (also a
+    write probe) plus a free-space check against the last checkpoint's size, agreed on by every rank *before*
+    DeepSpeed writes, since DeepSpeed's save has collectives inside that a rank failing half-way would leave
+    unmatched; DeepSpeed's files (`save_latest=False`: its `latest` would point at a tag that may never complete);
+    then, once every rank reports success, `COMPLETE` and `latest`. `fault_point` is the test hook
+    (train/fault_hooks.py).
+
+    Raises:
+        UserError: naming the directory and the reason, when any rank cannot write; the last complete checkpoint
+            stays the one `latest` names.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
     tag = tag_for(step)
     tag_dir = root / tag
+
+    bad = first_nonfinite(engine.module)
+    flags = torch.tensor([0.0 if bad is None else 1.0])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags.item():
+        if bad is not None:
+            log.error("rank %d: not saving %s: parameter %s is not finite; %s stays the latest checkpoint",
+                      rank, tag, bad, latest_tag(root))  # fmt: skip
+        return False
+
+    if rank == 0 and tag_dir.is_dir():
+        # leftovers of an earlier attempt at this step (a crashed save): the files must all come from this one
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    dist.barrier()
+
+    reason = ""
     try:
         tag_dir.mkdir(parents=True, exist_ok=True)
-        import io
-
         buf = io.BytesIO()
         torch.save(rank_state, buf)
         _atomic_write(tag_dir / f"vimoe_rank_{rank:05d}.pt", buf.getvalue())
-        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-        ok = torch.tensor([1.0])
+        reason = _space_shortfall(root)
     except OSError as e:
-        log.error("rank %d: cannot write checkpoint %s: %s", rank, tag_dir, e)
-        ok = torch.tensor([0.0])
-    # every rank learns whether every other rank succeeded; only then is the tag marked complete
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if ok.item() < 1:
-        raise UserError(f"cannot write checkpoint {tag_dir} (disk full or not writable?); kept {latest_tag(root)}")
+        reason = f"{e.strerror or e} ({e.filename or tag_dir})"
+    _agree(reason, rank, world, tag_dir, root)
+
+    if fault_point is not None:
+        fault_point(step)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    except OSError as e:
+        reason = f"{e.strerror or e} ({e.filename or tag_dir})"
+    except RuntimeError as e:
+        from vimoe_dist.train.peers import is_collective_failure
+
+        if is_collective_failure(e):
+            raise
+        # torch.save reports a full disk as "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+        reason = f"torch.save failed ({str(e).strip().splitlines()[0][:200]})"
+        free = shutil.disk_usage(root).free
+        if free < NEARLY_FULL:
+            reason = f"no space left on device? {free:,} bytes free; {reason}"
+    if reason:
+        log.error("rank %d: cannot write checkpoint %s: %s", rank, tag_dir, reason)
+        dist.barrier()  # stands in for the barrier that ends DeepSpeed's save on the ranks that got through it
+    _agree(reason, rank, world, tag_dir, root)
+
     if rank == 0:
-        _atomic_write(tag_dir / "COMPLETE", f"{dist.get_world_size()}\n".encode())
-        _atomic_write(root / "latest", tag.encode())
-        _prune(root, keep)
-    dist.barrier()
+        try:
+            _atomic_write(tag_dir / "COMPLETE", f"{world}\n".encode())
+            _atomic_write(root / "latest", tag.encode())
+            _prune(root, keep)
+        except OSError as e:
+            reason = f"{e.strerror or e} ({e.filename or root})"
+            (tag_dir / "COMPLETE").unlink(missing_ok=True)
+    _agree(reason, rank, world, tag_dir, root)
+    return True
+
+
+def _agree(reason: str, rank: int, world: int, tag_dir: Path, root: Path) -> None:
+    """Every rank learns which ranks failed (a collective); each raises the same error, naming its own reason."""
+    failed = torch.zeros(world)
+    failed[rank] = 1.0 if reason else 0.0
+    dist.all_reduce(failed, op=dist.ReduceOp.SUM)
+    if failed.sum().item() == 0:
+        return
+    if not reason:
+        ranks = ", ".join(str(r) for r in range(world) if failed[r] > 0)
+        reason = f"rank(s) {ranks} could not write (see their log)"
+    raise UserError(f"cannot write checkpoint {str(tag_dir)!r}: {reason}; kept {latest_tag(root) or 'no checkpoint'}")
+
+
+def _space_shortfall(root: Path) -> str:
+    """Empty, or why the disk cannot hold another checkpoint of the size of the last complete one."""
+    last = latest_tag(root)
+    if last is None:
+        return ""
+    need = sum(f.stat().st_size for f in (root / last).iterdir() if f.is_file())
+    free = shutil.disk_usage(root).free
+    if free < need:
+        return f"no space left on device: {free:,} bytes free, the last checkpoint took {need:,}"
+    return ""
+
+
+def first_nonfinite(module: nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or inf, or None (one pass over the weights, at save time)."""
+    for name, p in module.named_parameters():
+        if not torch.isfinite(p.detach()).all():
+            return name
+    return None
 
 
 def _prune(root: Path, keep: int) -> None:

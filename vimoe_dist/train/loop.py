@@ -33,9 +33,12 @@ log = logging.getLogger("vimoe.train")
 
 def train(cfg: Config) -> int:
     from vimoe_dist.data import build_train_loader, build_val_loader
+    from vimoe_dist.data.loader import resolve_split
     from vimoe_dist.dist.init import init_distributed
     from vimoe_dist.metrics import build_metrics
     from vimoe_dist.train import checkpoint
+    from vimoe_dist.train.fault_hooks import build_fault_hooks
+    from vimoe_dist.train.peers import describe_failure, is_collective_failure
 
     # --- setup: who am I, is the layout possible, where does the run live
     check_config(cfg)
@@ -47,52 +50,59 @@ def train(cfg: Config) -> int:
     run_dir = prepare_run_dir(cfg, rank)
     ckpt_root = run_dir / "checkpoints"
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    # fail on bad data paths before building anything
+    # fail on bad data paths and a taken metrics port before building anything
     resume_tag = find_resume(cfg, ckpt_root)
+    resolve_split(cfg, "data.train", need_counts=False)
     val_loader = build_val_loader(cfg, rank, world) if cfg.data.val else None
-
-    # --- build, parallelize, engine
-    engine, optimizer, scheduler = build_engine(cfg, world, run_dir if rank == 0 else None)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.parallel.precision, torch.float32)
-
-    # --- resume: weights, optimizer, step, data position, metric totals
-    start_step, rank_state = 0, {}
-    if resume_tag is not None:
-        start_step, rank_state = resume(engine, cfg, resume_tag, rank, world)
-    train_loader = build_train_loader(cfg, rank, world, start_step=start_step, state=rank_state.get("data"))
     metrics = build_metrics(
         cfg, rank=rank, local_rank=env.local_rank, world_size=world, run_dir=run_dir,
-        total_steps=cfg.train.steps, start_step=start_step,
+        total_steps=cfg.train.steps, start_step=checkpoint.step_of(*resume_tag) if resume_tag else 0,
     )  # fmt: skip
-    if rank_state.get("metrics"):
-        metrics.load_state_dict(rank_state["metrics"])
-    criterion = build_criterion(cfg)
-    moe = {i: m for i, m in enumerate(engine.module.blocks) if hasattr(m.mlp, "aux_loss")}
-    monitor = RoutingMonitor(cfg, moe)
-
-    def save(step: int) -> None:
-        t0 = time.perf_counter()
-        client = {"step": step, "ep_size": cfg.parallel.ep_size, "world_size": world}
-        rank_file = {"data": train_loader.state_dict(), "metrics": metrics.state_dict(), "step": step}
-        checkpoint.save(engine, ckpt_root, step, client, rank_file, cfg.train.keep_checkpoints)
-        metrics.on_checkpoint(step, time.perf_counter() - t0)
-
-    def run_eval(step: int) -> dict | None:
-        if val_loader is None:
-            return None
-        result = evaluate(engine, val_loader, device, dtype)
-        metrics.on_eval({"step": step, "eval_top1": result["top1"], "eval_top5": result["top5"],
-                         "eval_loss": result["loss"], "images": result["images"]})  # fmt: skip
-        return result
-
-    # --- loop
-    t = cfg.train
-    step, bad_steps, images_seen = start_step, 0, 0
-    loss_sum = torch.zeros((), device=device)
-    loss_count, interval_t0 = 0, time.perf_counter()
-    batches = iter(train_loader)
     try:
+        # --- build, parallelize, engine
+        engine, optimizer, scheduler = build_engine(cfg, world, run_dir if rank == 0 else None)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.parallel.precision, torch.float32)
+
+        # --- resume: weights, optimizer, step, data position, metric totals
+        start_step, rank_state = 0, {}
+        if resume_tag is not None:
+            start_step, rank_state = resume(engine, cfg, resume_tag, rank, world)
+        train_loader = build_train_loader(cfg, rank, world, start_step=start_step, state=rank_state.get("data"))
+        if rank_state.get("metrics"):
+            metrics.load_state_dict(rank_state["metrics"])
+        criterion = build_criterion(cfg)
+        moe = {i: m for i, m in enumerate(engine.module.blocks) if hasattr(m.mlp, "aux_loss")}
+        monitor = RoutingMonitor(cfg, moe)
+        hooks = build_fault_hooks(run_dir, rank, moe)  # None unless VIMOE_TEST_FAULTS is set (tests/faults/)
+
+        def save(step: int) -> None:
+            t0 = time.perf_counter()
+            client = {"step": step, "ep_size": cfg.parallel.ep_size, "world_size": world}
+            rank_file = {"data": train_loader.state_dict(), "metrics": metrics.state_dict(), "step": step}
+            saved = checkpoint.save(engine, ckpt_root, step, client, rank_file, cfg.train.keep_checkpoints,
+                                    fault_point=hooks.in_save if hooks else None)  # fmt: skip
+            if saved:
+                metrics.on_checkpoint(step, time.perf_counter() - t0)
+            else:
+                metrics.on_event("checkpoint_refused_nonfinite", step=step)
+
+        def run_eval(step: int) -> dict | None:
+            if val_loader is None:
+                return None
+            result = evaluate(engine, val_loader, device, dtype)
+            metrics.on_eval({"step": step, "eval_top1": result["top1"], "eval_top5": result["top5"],
+                             "eval_loss": result["loss"], "images": result["images"]})  # fmt: skip
+            return result
+
+        # --- loop
+        t = cfg.train
+        step, bad_steps, images_seen = start_step, 0, 0
+        loss_sum = torch.zeros((), device=device)
+        loss_count, interval_t0 = 0, time.perf_counter()
+        batches = iter(train_loader)
         while step < t.steps:
+            if hooks is not None:
+                hooks.before_step(step + 1)
             step_t0 = time.perf_counter()
             seed_step(cfg.run.seed, step, rank)
             data_wait, skipped = 0.0, False
@@ -120,16 +130,19 @@ def train(cfg: Config) -> int:
             step += 1
             if skipped:
                 bad_steps += 1
-                layer = monitor.bad_router()
-                where = f" (router of MoE block {layer} is not finite)" if layer is not None else ""
-                log.warning("step %d: non-finite loss, update skipped%s", step, where)
-                metrics.on_event("nonfinite_loss", step=step, layer=layer)
+                where = monitor.bad_router(rank, world)  # collective: every rank names the same block
+                log.warning("step %d: non-finite loss, update skipped%s", step, f" ({where})" if where else "")
+                metrics.on_event("nonfinite_loss", step=step, layer=monitor.bad_block, detail=where or None)
                 if bad_steps > t.max_bad_steps:
-                    raise UserError(f"train.max_bad_steps: {bad_steps} consecutive non-finite losses at step {step}")
+                    raise UserError(
+                        f"train.max_bad_steps: {bad_steps} consecutive non-finite losses up to step {step}"
+                        f"{f' ({where})' if where else ''}; last good checkpoint {checkpoint.latest_tag(ckpt_root)}"
+                    )
             else:
                 bad_steps = 0
             scheduler.step_update(step)
-            monitor.accumulate()
+            if not skipped:
+                monitor.accumulate()
             metrics.on_step(step, images=images.shape[0] * t.grad_accum, step_seconds=time.perf_counter() - step_t0,
                             data_wait_seconds=data_wait, alltoall_seconds=monitor.take_alltoall_seconds())  # fmt: skip
 
@@ -142,7 +155,7 @@ def train(cfg: Config) -> int:
                 grad_norm = engine.get_global_grad_norm()
                 record = {
                     "step": step,
-                    "loss": mean_loss.item(),
+                    "loss": mean_loss.item() if loss_count else float("nan"),
                     "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
                     "images_per_sec": images_seen * world / max(elapsed, 1e-9),
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -158,12 +171,12 @@ def train(cfg: Config) -> int:
                 log.warning("rank %d: %s received, checkpointing at step %d and exiting for requeue", rank,
                             stop.signal_name or "stop request from another rank", step)  # fmt: skip
                 save(step)
-                metrics.close()
+                since = f" {stop.seconds_since():.1f} s after {stop.signal_name}" if stop.requested else ""
+                log.warning("rank %d: checkpoint of step %d done%s; exit code %d", rank, step, since, EXIT_REQUEUE)
                 return EXIT_REQUEUE
             if t.stop_at and step == t.stop_at and step < t.steps:
                 log.info("train.stop_at=%d reached: checkpointing and stopping; rerun the command to continue", step)
                 save(step)
-                metrics.close()
                 return 0
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 run_eval(step)
@@ -178,15 +191,14 @@ def train(cfg: Config) -> int:
             (run_dir / "eval.json").write_text(json.dumps(result) + "\n")
             log.info("final top-1 %.4f top-5 %.4f loss %.4f on %d images; run directory %s",
                      result["top1"], result["top5"], result["loss"], result["images"], run_dir)  # fmt: skip
-        metrics.close()
         return 0
     except RuntimeError as e:
-        if _is_collective_failure(e):
-            log.error("rank %d: a collective failed or timed out after %.0f s (another rank died or hung): %s",
-                      rank, cfg.parallel.timeout_s, str(e).splitlines()[0])  # fmt: skip
-            metrics.close()
-            return 1
-        raise
+        if not is_collective_failure(e):
+            raise
+        log.error("%s", describe_failure(rank, world, cfg.parallel.timeout_s, e))
+        return 1
+    finally:
+        metrics.close()
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -240,14 +252,16 @@ def check_layout(cfg: Config, world: int) -> None:
 
 
 def prepare_run_dir(cfg: Config, rank: int) -> Path:
+    """Creates the run directory; both it and `checkpoints/` (often a mount of its own) must take a file."""
     run_dir = Path(cfg.run.out_dir)
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test_{rank}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"run.out_dir: cannot write to {str(run_dir)!r} ({e.strerror})") from None
+    for where in (run_dir, run_dir / "checkpoints"):
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            probe = where / f".write_test_{rank}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"run.out_dir: cannot write to {str(where)!r} ({e.strerror or e})") from None
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
     return run_dir
@@ -331,14 +345,15 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _is_collective_failure(e: RuntimeError) -> bool:
-    text = str(e).lower()
-    return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "gloo", "nccl"))
-
-
 class RoutingMonitor:
     """MoE statistics between two log steps, accumulated on the device without a host sync, plus collapse
-    detection (nearly all tokens to one expert in several consecutive logs)."""
+    detection: a warning (and an `expert_collapse` event) naming the block when one expert holds more than
+    COLLAPSE_SHARE of the router's probability mass in COLLAPSE_LOGS consecutive logs.
+
+    Collapse is judged on what the router wants (the mean of its probabilities over the routed units, the
+    "importance" of Shazeer et al. 2017), not on the tokens the experts kept: capacity caps the kept tokens of the
+    favourite expert, which hides a collapsed router behind balanced-looking counts.
+    """
 
     COLLAPSE_SHARE = 0.9
     COLLAPSE_LOGS = 3
@@ -348,6 +363,18 @@ class RoutingMonitor:
         self.acc: dict[int, dict[str, torch.Tensor]] = {}
         self.steps = 0
         self.collapsed_logs = dict.fromkeys(self.layers, 0)
+        self.bad_block: int | None = None
+        self._importance: dict[int, torch.Tensor] = {}  # of the last training forward, per block
+        for i, m in self.layers.items():
+            m.router.register_forward_hook(self._importance_hook(i))
+
+    def _importance_hook(self, i: int):
+        def hook(module: torch.nn.Module, inputs: tuple, routing) -> None:
+            if module.training:
+                probs = routing.probs_GUE.detach()
+                self._importance[i] = probs.reshape(-1, probs.shape[-1]).float().mean(0)
+
+        return hook
 
     def aux_loss(self) -> torch.Tensor:
         losses = [m.aux_loss for m in self.layers.values()]
@@ -361,6 +388,9 @@ class RoutingMonitor:
             acc = self.acc.setdefault(i, {k: torch.zeros_like(v, dtype=torch.float64) for k, v in s.items()})
             for k, v in s.items():
                 acc[k] += v
+            if i in self._importance:
+                imp = self._importance.pop(i)
+                acc.setdefault("importance", torch.zeros_like(imp, dtype=torch.float64)).add_(imp)
         self.steps += 1
 
     def take_alltoall_seconds(self) -> float:
@@ -372,12 +402,30 @@ class RoutingMonitor:
                 d.seconds = 0.0
         return total
 
-    def bad_router(self) -> int | None:
+    def bad_router(self, rank: int, world: int) -> str:
+        """After a non-finite loss: the first MoE block (in forward order, over all ranks) whose router went bad,
+        described for the log ("" when every router looks finite). A collective: call it on every rank.
+
+        A router "went bad" when its weights hold a NaN or inf, or when the routing probabilities of its last forward
+        did (its input may then already have been bad: the block named is the first where routing broke).
+        """
+        found = world * (max(self.layers, default=0) + 1) * 2  # "none" sentinel, above every code below
         for i, m in self.layers.items():
-            w = m.router.gate.weight if hasattr(m.router, "gate") else None
-            if w is not None and not torch.isfinite(w).all():
-                return i
-        return None
+            if any(not torch.isfinite(p.detach()).all() for p in m.router.parameters()):
+                found = min(found, (2 * i) * world + rank)
+            entropy = m.last_stats.get("entropy") if m.last_stats else None
+            if entropy is not None and not torch.isfinite(entropy).all():
+                found = min(found, (2 * i + 1) * world + rank)
+        code = torch.tensor([found], dtype=torch.float64)
+        dist.all_reduce(code, op=dist.ReduceOp.MIN)
+        code_i = int(code.item())
+        if code_i >= world * (max(self.layers, default=0) + 1) * 2:
+            self.bad_block = None
+            return ""
+        kind, bad_rank = divmod(code_i, world)
+        self.bad_block, outputs = divmod(kind, 2)
+        what = "non-finite routing probabilities" if outputs else "non-finite weights"
+        return f"the router of MoE block {self.bad_block} has {what} on rank {bad_rank}"
 
     def report(self, step: int, metrics) -> dict:
         out = {}
@@ -391,14 +439,18 @@ class RoutingMonitor:
                 "entropy": acc["entropy"].item() / max(self.steps, 1),
                 "imbalance": max(tokens) / mean if mean else 0.0,
             }
-            share = max(tokens) / total if total else 0.0
+            importance = acc["importance"].tolist() if "importance" in acc else []
+            mass = sum(importance)
+            share = max(importance) / mass if mass > 0 else 0.0
             self.collapsed_logs[i] = (
-                self.collapsed_logs[i] + 1 if share > self.COLLAPSE_SHARE and len(tokens) > 1 else 0
+                self.collapsed_logs[i] + 1 if share > self.COLLAPSE_SHARE and len(importance) > 1 else 0
             )
             if self.collapsed_logs[i] == self.COLLAPSE_LOGS:
-                log.warning("step %d: expert collapse in MoE block %d: %.0f%% of tokens go to expert %d",
-                            step, i, 100 * share, tokens.index(max(tokens)))  # fmt: skip
-                metrics.on_event("expert_collapse", step=step, layer=i, share=share)
+                expert = importance.index(max(importance))
+                log.warning("step %d: expert collapse in MoE block %d: expert %d holds %.0f%% of the router's "
+                            "probability mass (%d logs in a row)", step, i, expert, 100 * share,
+                            self.COLLAPSE_LOGS)  # fmt: skip
+                metrics.on_event("expert_collapse", step=step, layer=i, expert=expert, share=share)
         self.acc.clear()
         self.steps = 0
         return out

@@ -1,0 +1,268 @@
+"""Property-based tests (hypothesis) of config parsing and dot-list overrides, and of Slurm hostlist expansion.
+
+Config: a resolved config survives `config.yaml` and back unchanged; an override means the same as the nested YAML
+mapping; the last override of a key wins and distinct keys commute; any value for any key either loads or raises a
+one-line `ConfigError` naming that key (never another exception); unknown keys are named.
+
+Hostlists: expansion matches an independent expansion of generated structures (prefixes, zero-padded ranges,
+several bracket groups, comma lists), a comma list expands to the concatenation of its items, the first host is
+the first of the expansion, and arbitrary text either expands to host names or raises `UserError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import typing
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vimoe_dist.config import ROUTER_NAMES, Config, ConfigError, load_config, parse_override, save_config, to_dict
+from vimoe_dist.errors import UserError
+from vimoe_dist.launch.hostlist import expand_hostlist, expand_tasks_per_node, first_host
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+# ------------------------------------------------------------------------------------------------------ config
+
+# keys with strategies of values that must load (kept independent of each other: no cross-key constraints)
+VALID = {
+    "run.seed": st.integers(0, 2**31),
+    "run.out_dir": st.from_regex(r"[a-z][a-z0-9_/]{0,20}", fullmatch=True),
+    "train.steps": st.integers(1, 10**6),
+    "train.lr": st.floats(1e-8, 10.0),
+    "train.warmup_steps": st.integers(0, 1000),
+    "train.weight_decay": st.floats(0, 1),
+    "train.label_smoothing": st.floats(0, 0.99),
+    "train.layer_decay": st.floats(0.01, 1.0),
+    "train.log_every": st.integers(1, 100),
+    "train.checkpoint_every": st.integers(0, 100),
+    "train.keep_checkpoints": st.integers(1, 10),
+    "train.max_bad_steps": st.integers(0, 100),
+    "train.progress": st.booleans(),
+    "train.betas": st.tuples(st.floats(0, 0.999), st.floats(0, 0.999)).map(list),
+    "parallel.zero_stage": st.sampled_from([0, 1, 2]),
+    "parallel.precision": st.sampled_from(["fp32", "bf16", "fp16"]),
+    "parallel.timeout_s": st.floats(0.1, 1e5),
+    "model.img_size": st.integers(1, 1024),
+    "model.num_classes": st.integers(1, 10**5),
+    "model.drop_path": st.floats(0, 0.99),
+    "model.moe.router": st.sampled_from(ROUTER_NAMES),
+    "model.moe.group_size": st.integers(1, 64),
+    "model.moe.routing": st.sampled_from(["image", "token"]),
+    "model.moe.layers": st.one_of(
+        st.integers(0, 12).map(lambda n: f"last-{n}"), st.lists(st.integers(0, 23), unique=True, max_size=6)
+    ),
+    "model.moe.switch_loss": st.floats(0, 1),
+    "data.num_workers": st.integers(0, 16),
+    "data.order": st.sampled_from(["stream", "exact"]),
+    "data.hflip": st.floats(0, 1),
+    "data.mean": st.tuples(*[st.floats(0, 1)] * 3).map(list),
+    "data.train": st.from_regex(r"/data/[a-z]{1,8}-\{000000\.\.0000[1-9]\}\.tar", fullmatch=True),
+    "metrics.port": st.integers(0, 65535),
+    "metrics.job": st.from_regex(r"[a-z][a-z0-9_-]{0,15}", fullmatch=True),
+}
+
+
+def _leaf_keys(cls: type = Config, prefix: str = "") -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(_leaf_keys(tp, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = tp
+    return out
+
+
+LEAVES = _leaf_keys()
+valid_overrides = st.dictionaries(st.sampled_from(sorted(VALID)), st.none(), max_size=8).flatmap(
+    lambda keys: st.fixed_dictionaries({k: VALID[k] for k in keys})
+)
+
+
+def _override(key: str, value) -> str:
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+def _nested(items: dict) -> dict:
+    raw: dict = {}
+    for key, value in items.items():
+        node = raw
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return raw
+
+
+def test_every_valid_key_is_a_schema_leaf():
+    assert set(VALID) <= set(LEAVES)
+
+
+@SETTINGS
+@given(items=valid_overrides)
+def test_resolved_config_survives_config_yaml(tmp_path, items):
+    cfg = load_config(None, [_override(k, v) for k, v in items.items()])
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    assert yaml.safe_load(path.read_text()) == to_dict(cfg)
+
+
+@SETTINGS
+@given(items=valid_overrides)
+def test_an_override_means_the_same_as_the_yaml_mapping(tmp_path, items):
+    path = tmp_path / "overlay.yaml"
+    path.write_text(yaml.safe_dump(_nested(items)))
+    assert load_config(None, [_override(k, v) for k, v in items.items()]) == load_config(path)
+
+
+@SETTINGS
+@given(items=valid_overrides, data=st.data())
+def test_last_override_wins_and_distinct_keys_commute(items, data):
+    overrides = [_override(k, v) for k, v in items.items()]
+    shuffled = data.draw(st.permutations(overrides))
+    assert load_config(None, shuffled) == load_config(None, overrides)
+    if items:
+        key = data.draw(st.sampled_from(sorted(items)))
+        earlier = data.draw(VALID[key])
+        assert load_config(None, [_override(key, earlier), *overrides]) == load_config(None, overrides)
+
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.one_of(st.integers(-5, 50), st.floats(-2, 2), st.text(max_size=3)), max_size=4),
+    st.dictionaries(st.text(min_size=1, max_size=4), st.integers(), max_size=2),
+)
+
+
+@SETTINGS
+@given(key=st.sampled_from(sorted(LEAVES)), value=scalars)
+def test_any_value_loads_or_is_a_one_line_error_naming_the_key(tmp_path, key, value):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_nested({key: value})))
+    try:
+        load_config(path)
+    except ConfigError as e:
+        message = str(e)
+        assert "\n" not in message
+        # the key itself, or (for a list element) the key with its index
+        assert key in message or key.rsplit(".", 1)[0] in message, (key, value, message)
+
+
+@SETTINGS
+@given(
+    section=st.sampled_from(["run", "train", "parallel", "model", "model.moe", "data", "metrics"]),
+    name=st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True),
+)
+def test_unknown_keys_are_named(section, name):
+    key = f"{section}.{name}"
+    if key in LEAVES or any(k.startswith(key + ".") for k in LEAVES):
+        return
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(None, [f"{key}=1"])
+
+
+@SETTINGS
+@given(
+    key=st.sampled_from(sorted(LEAVES)),
+    value=st.one_of(
+        st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(), st.text(alphabet="abc xyz_-.", max_size=8)
+    ),
+)
+def test_parse_override_reads_back_the_yaml_scalar(key, value):
+    parsed_key, parsed = parse_override(_override(key, value))
+    assert parsed_key == key
+    if isinstance(value, str) and not value.strip():
+        assert parsed in (value, None)  # an empty or blank value means null
+    elif isinstance(value, float) and math.isinf(value):
+        assert parsed == value
+    else:
+        assert parsed == value and type(parsed) is type(value)
+
+
+# ---------------------------------------------------------------------------------------------------- hostlists
+
+
+@st.composite
+def bracket_group(draw):
+    """One `[...]` group as (text, expansion): comma items, each a number or a zero-padded/plain range."""
+    items, names = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        lo = draw(st.integers(0, 120))
+        width = draw(st.sampled_from([0, 0, 2, 3]))
+        lo_text = str(lo).zfill(width) if width else str(lo)
+        padded = lo_text.startswith("0") and len(lo_text) > 1
+        if draw(st.booleans()):
+            hi = lo + draw(st.integers(0, 6))
+            items.append(f"{lo_text}-{hi}")
+            names += [str(n).zfill(len(lo_text)) if padded else str(n) for n in range(lo, hi + 1)]
+        else:
+            items.append(lo_text)
+            names.append(lo_text)
+    return "[" + ",".join(items) + "]", names
+
+
+@st.composite
+def host_item(draw):
+    """One comma-free hostlist item and its expansion: prefix, then groups separated by literal text."""
+    prefix = draw(st.from_regex(r"[a-z][a-z0-9-]{0,6}", fullmatch=True))
+    parts, options = [prefix], [[prefix]]
+    for i in range(draw(st.integers(0, 2))):
+        if i:  # literal text between two groups (text after the last group is an error in Slurm)
+            sep = draw(st.sampled_from(["", "-", "x"]))
+            parts.append(sep)
+            options.append([sep])
+        text, names = draw(bracket_group())
+        parts.append(text)
+        options.append(names)
+    return "".join(parts), ["".join(combo) for combo in itertools.product(*options)]
+
+
+@SETTINGS
+@given(items=st.lists(host_item(), min_size=1, max_size=4))
+def test_hostlist_expansion_matches_the_structure(items):
+    expr = ",".join(text for text, _ in items)
+    expected = [host for _, hosts in items for host in hosts]
+    assert expand_hostlist(expr) == expected
+    assert first_host(expr) == expected[0]
+    # a comma list is the concatenation of its items
+    assert expand_hostlist(expr) == [h for text, _ in items for h in expand_hostlist(text)]
+
+
+@SETTINGS
+@given(text=st.text(alphabet="ab01-9[],x ", max_size=24))
+def test_any_text_expands_or_is_a_user_error(text):
+    try:
+        hosts = expand_hostlist(text)
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    assert all(isinstance(h, str) and h and "[" not in h and "]" not in h and "," not in h for h in hosts)
+
+
+@SETTINGS
+@given(runs=st.lists(st.tuples(st.integers(1, 64), st.integers(1, 5)), min_size=1, max_size=5))
+def test_tasks_per_node_round_trip(runs):
+    expr = ",".join(f"{n}(x{r})" if r > 1 else str(n) for n, r in runs)
+    assert expand_tasks_per_node(expr) == [n for n, r in runs for _ in range(r)]
+
+
+@SETTINGS
+@given(text=st.text(alphabet="0123456789(x),  ", max_size=16))
+def test_tasks_per_node_any_text_expands_or_is_a_user_error(text):
+    try:
+        counts = expand_tasks_per_node(text)
+    except UserError:
+        return
+    assert all(isinstance(c, int) and c >= 0 for c in counts)
