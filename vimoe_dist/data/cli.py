@@ -50,11 +50,17 @@ def _summary(manifests: dict) -> None:
 
 
 def _check_counts(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from vimoe_dist.errors import UserError
 
     for name in ("max_count", "workers"):
         if getattr(args, name, 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:  # an unwritable --out is one line here, not a traceback from a writer process
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {args.out}: cannot create the directory ({e.strerror or e})") from None
 
 
 def _digits(args: argparse.Namespace) -> int:
