@@ -3,6 +3,9 @@ of 196 tokens, token routing) for every router and for DeepSpeed's and fairscale
 k times the work (k x T tokens through one timm Mlp), all in one interleaved run.
 
 `ratio_vs_dense` = time(dense on k x T tokens) / time(layer): 1.0 means the layer costs exactly its expert FLOPs.
+`expert_rows` = rows the experts processed: below k x T where capacity dropped tokens (then the ratio flatters the
+layer), above it where buffers are padded (DeepSpeed, fairscale); the dropless rows are the like-for-like measure.
+Soft MoE processes E x slots rows per group whatever T is, so its ratio compares different work.
 `speedup_vs_deepspeed` = time(DeepSpeed's layer at the same k) / time(layer).
 """
 
@@ -18,12 +21,14 @@ from vimoe_dist.bench.timing import interleaved, print_table, write_json
 from vimoe_dist.config import load_config
 
 
-def _moe(impl: str, router: str, k: int, args: argparse.Namespace):
+def _moe(impl: str, router: str, k: int, args: argparse.Namespace, capacity_factor: float | None = -1.0):
     from vimoe_dist.model import build_moe
 
+    cf = args.capacity_factor if capacity_factor == -1.0 else capacity_factor
+    torch.manual_seed(0)  # the same gate and expert weights in every variant: loads differ only by the algorithm
     overrides = [
         f"model.moe.impl={impl}", f"model.moe.router={router}", f"model.moe.top_k={k}", "model.moe.routing=token",
-        f"model.moe.num_experts={args.experts}", f"model.moe.capacity_factor={args.capacity_factor}",
+        f"model.moe.num_experts={args.experts}", f"model.moe.capacity_factor={'null' if cf is None else cf}",
         f"model.moe.group_size={args.group_size}", "model.moe.shared_expert=false",
         f"model.moe.switch_loss={0 if router == 'soft' else 0.01}", "model.moe.renormalize=true",
     ]  # fmt: skip
@@ -37,6 +42,7 @@ def _step(module, x: torch.Tensor):
         loss.backward()
         module.zero_grad(set_to_none=True)
 
+    run.module = module
     return run
 
 
@@ -56,6 +62,10 @@ def run(args: argparse.Namespace) -> dict:
         meta[f"vimoe {name}"] = {"impl": "vimoe", "router": name, "k": k}
     variants["vimoe tc-softmax k1"] = _step(_moe("vimoe", "tc-softmax", 1, args), x)
     meta["vimoe tc-softmax k1"] = {"impl": "vimoe", "router": "tc-softmax", "k": 1}
+    # dropless: exactly k x T rows reach the experts, the same work as the k x dense baseline
+    for k in sorted({1, args.top_k}):
+        variants[f"vimoe tc-softmax dropless k{k}"] = _step(_moe("vimoe", "tc-softmax", k, args, None), x)
+        meta[f"vimoe tc-softmax dropless k{k}"] = {"impl": "vimoe", "router": "tc-softmax dropless", "k": k}
     for k in (1, 2):
         variants[f"deepspeed k{k}"] = _step(_moe("deepspeed", "tc-softmax", k, args), x)
         meta[f"deepspeed k{k}"] = {"impl": "deepspeed", "router": "TopKGate", "k": k}
@@ -65,21 +75,25 @@ def run(args: argparse.Namespace) -> dict:
         keep = set(args.only.split(","))
         variants = {n: f for n, f in variants.items() if n in keep or n.startswith("dense")}
 
+    modules = {name: fn.module for name, fn in variants.items()}
     times = interleaved(variants, rounds=args.rounds)
     rows = []
     for name, t in times.items():
         k = meta[name]["k"]
+        stats = getattr(modules[name], "last_stats", None)
         dense = times.get(f"dense x{k}")
         ds = times.get(f"deepspeed k{k}")
         rows.append({
             "variant": name, **meta[name], "ms": 1000 * t,
+            "expert_rows": int(stats["tokens"].sum()) if stats else k * x.shape[0] * x.shape[1],
+            "max_load": round(float(stats["tokens"].max() / stats["tokens"].float().mean()), 2) if stats else None,
             "ratio_vs_dense": dense / t if dense and "dense" not in name else None,
             "speedup_vs_deepspeed": ds / t if ds and not name.startswith(("deepspeed", "dense")) else None,
         })  # fmt: skip
     print(f"\nMoE FFN forward+backward: dim {args.dim}, hidden {args.hidden}, {args.experts} experts, "
           f"{args.images}x{args.tokens} tokens, capacity factor {args.capacity_factor}, {torch.get_num_threads()} "
           f"threads, median of {args.rounds} interleaved rounds")  # fmt: skip
-    print_table(rows, ["variant", "k", "ms", "ratio_vs_dense", "speedup_vs_deepspeed"])
+    print_table(rows, ["variant", "k", "expert_rows", "max_load", "ms", "ratio_vs_dense", "speedup_vs_deepspeed"])
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     settings |= {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()}
     payload = {"bench": "moe", "settings": settings, "rows": rows}
