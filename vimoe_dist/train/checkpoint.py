@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -53,8 +54,8 @@ def step_of(root: Path, tag: str) -> int:
         return int(m.group(1))
     main = Path(root) / tag / "mp_rank_00_model_states.pt"
     try:
-        return int(_load_ours(main).get("step", 0))
-    except (OSError, RuntimeError, ValueError, TypeError):
+        return int(load_file(main).get("step", 0))
+    except (UserError, ValueError, TypeError):
         return 0
 
 
@@ -239,27 +240,67 @@ def load_rank_state(root: Path, tag: str, rank: int) -> dict | None:
     path = root / tag / f"vimoe_rank_{rank:05d}.pt"
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)  # we wrote it: data/metric state, plain types
+    return load_file(path)  # data position and metric totals: plain types
 
 
-def _load_ours(path: Path) -> dict:
-    """Files of our own checkpoints; DeepSpeed stores a few config objects next to the tensors."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+# Plain-data classes DeepSpeed pickles into ZeRO optimizer files (attributes or enum values only: unpickling them
+# runs no code); allowed by name, imported only when a file needs them
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
-def single_device_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
+def load_file(path: Path, trust: bool = False, mmap: bool = False) -> dict:
+    """One checkpoint file as tensors and plain data (`weights_only`): a checkpoint directory may come from anywhere
+    (`vimoe eval --checkpoint`, `run.resume=DIR`), and unpickling anything else can run code. Every file our
+    trainer and DeepSpeed write loads this way (with DEEPSPEED_SAFE_GLOBALS); `run.trust_checkpoint` lifts the
+    restriction."""
+    import importlib
+
+    allowed: list = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            m = _GLOBAL_RE.search(str(e))
+            if m and m.group(1) in DEEPSPEED_SAFE_GLOBALS and len(allowed) < len(DEEPSPEED_SAFE_GLOBALS):
+                module, _, name = m.group(1).rpartition(".")
+                allowed.append(getattr(importlib.import_module(module), name))
+                continue
+            what = f"it needs {m.group(1)}" if m else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(
+                f"checkpoint file {str(path)!r} holds more than tensors and plain data ({what}); "
+                "if you trust it, pass run.trust_checkpoint=true"
+            ) from None
+        except (OSError, RuntimeError, EOFError) as e:
+            raise UserError(f"checkpoint file {str(path)!r} cannot be read: {str(e).strip()[:200]}") from None
+
+
+def verify_loadable(root: Path, tag: str) -> None:
+    """Checks, without reading the tensor data (mmap), that every file of a tag is tensors and plain data: DeepSpeed's
+    `load_checkpoint` unpickles without restriction, so a checkpoint from elsewhere is vetted first."""
+    for f in sorted((root / tag).glob("*.pt")):
+        load_file(f, mmap=True)
+
+
+def single_device_state_dict(root: Path, tag: str, trust: bool = False) -> dict[str, torch.Tensor]:
     """Every parameter of the model in single-device naming, gathered from DeepSpeed's files at any ep_size."""
     tag_dir = root / tag
     main = tag_dir / "mp_rank_00_model_states.pt"
     if not main.is_file():
         raise UserError(f"checkpoint {str(tag_dir)!r}: {main.name} is missing")
-    module = _load_ours(main)["module"]
+    module = load_file(main, trust)["module"]
     state = {k.replace(".deepspeed_moe.", "."): v for k, v in module.items()}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for f in sorted(tag_dir.iterdir()):
         if not EXPERT_FILE_RE.match(f.name):
             continue
-        for key, value in _load_ours(f).items():
+        for key, value in load_file(f, trust).items():
             m = EXPERT_KEY_RE.match(key)
             if m is None:
                 raise UserError(f"checkpoint {str(f)!r}: unexpected key {key}")
@@ -279,7 +320,7 @@ def load_model(cfg: Config, checkpoint: str | Path) -> nn.Module:
     root, tag = resolve_checkpoint(checkpoint)
     model_cfg = _without_pretrained(cfg)
     model = build_model(model_cfg.model)
-    state = single_device_state_dict(root, tag)
+    state = single_device_state_dict(root, tag, trust=cfg.run.trust_checkpoint)
     check_fits(model, state, f"{root / tag}")
     model.load_state_dict(state)
     return model.eval()

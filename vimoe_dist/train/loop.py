@@ -9,6 +9,17 @@ One process is one rank; the same code serves every launcher:
     vimoe launch local|hostfile|slurm ... --config FILE [key=value ...]        # builds one of the above
 
 Rerunning a command on an existing `run.out_dir` resumes from its latest complete checkpoint (`run.resume: auto`).
+
+Faults (tests/faults/ injects each one into real runs):
+- a crash in the middle of a checkpoint save leaves the previous checkpoint the one resumed (train/checkpoint.py);
+- a dead or hung rank: collectives time out after `parallel.timeout_s` (every process group, DeepSpeed's expert
+  groups included), the survivors name the missing ranks (train/peers.py) and exit 1; torchrun `--max-restarts` or a
+  Slurm requeue restarts the job, which resumes;
+- SIGTERM / SIGUSR1: checkpoint at the next step boundary, exit 75 (train/signals.py);
+- a non-finite loss: every rank skips the update; the log and a `nonfinite_loss` event name the step and the MoE
+  block whose router went bad; weights with a NaN are never saved; `train.max_bad_steps` in a row stop the run;
+- a full or read-only checkpoint directory: one error naming it, the last good checkpoint kept;
+- expert collapse: a warning and an `expert_collapse` event naming the block (RoutingMonitor).
 """
 
 from __future__ import annotations
@@ -227,8 +238,13 @@ def build_engine(cfg: Config, world: int, run_dir: Path | None = None):
 
 
 def check_config(cfg: Config) -> None:
+    """Checks that need no process group, before anything starts (build_model makes the same file check later)."""
     if cfg.data.train is None:
         raise ConfigError("data.train: no training shards configured")
+    source = cfg.model.pretrained
+    looks_like_file = source is not None and ("/" in source or source.endswith((".pth", ".pt", ".bin", ".safetensors")))
+    if looks_like_file and not Path(source).exists():
+        raise ConfigError(f"model.pretrained: file {source!r} does not exist")
     if cfg.parallel.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("parallel.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
 
@@ -285,8 +301,11 @@ def resume(engine, cfg: Config, where: tuple[Path, str], rank: int, world: int) 
     from vimoe_dist.train import checkpoint
 
     root, tag = where
+    trust = cfg.run.trust_checkpoint
+    if not trust:
+        checkpoint.verify_loadable(root, tag)  # DeepSpeed's loader unpickles without restriction
     client_path = root / tag / "mp_rank_00_model_states.pt"
-    saved = torch.load(client_path, map_location="cpu", weights_only=False) if client_path.is_file() else {}
+    saved = checkpoint.load_file(client_path, trust) if client_path.is_file() else {}
     same_ep = saved.get("ep_size") == cfg.parallel.ep_size
     if not same_ep and rank == 0:
         log.warning("resuming %s saved at ep_size %s with ep_size %s: weights reshard, optimizer state restarts",

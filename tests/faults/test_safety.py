@@ -1,0 +1,129 @@
+"""Safety: YAML is read with safe_load only; files we did not write load as plain tensors (weights_only or
+safetensors) unless the user says `run.trust_checkpoint=true`; checkpoints we load for eval or from another run are
+checked the same way; and nothing a run writes (run directory, logs) carries secrets from the environment.
+
+The metrics endpoint's own safety (binds `metrics.addr`, serves only /metrics, survives malformed requests) is tested
+with the metrics sinks (tests/unit/test_metrics_server.py); `pipe:` sources with the data (tests/unit/test_data_*).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, SECRET
+
+from vimoe_dist.config import ConfigError, load_config
+from vimoe_dist.errors import UserError
+
+SOURCES = [p for d in ("vimoe_dist", "launcher", "bench") for p in (REPO / d).rglob("*.py")]
+
+
+class _Exploit:
+    """A pickle that, when loaded without weights_only, creates a marker file (stands in for any shell command)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def _calls(name: str) -> list[tuple[Path, ast.Call]]:
+    """Every call of `<something>.name(...)` in our sources."""
+    out = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name:
+                out.append((path, node))
+    return out
+
+
+def test_yaml_is_only_ever_safe_loaded():
+    unsafe = [
+        f"{p.relative_to(REPO)}:{c.lineno}"
+        for name in ("load", "load_all", "full_load", "unsafe_load", "unsafe_load_all")
+        for p, c in _calls(name)
+        if isinstance(c.func.value, ast.Name) and c.func.value.id == "yaml"
+    ]
+    assert not unsafe, unsafe
+    assert _calls("safe_load")  # the scan does see the YAML reading
+
+
+def test_yaml_tags_that_run_code_are_refused(tmp_path):
+    marker = tmp_path / "ran"
+    evil = f"train:\n  steps: !!python/object/apply:os.system ['touch {marker}']\n"
+    (tmp_path / "evil.yaml").write_text(evil)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "evil.yaml")
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        load_config(None, [f"train.steps=!!python/object/apply:os.system ['touch {marker}']"])
+    assert not marker.exists()
+
+
+def test_every_torch_load_is_weights_only():
+    """Unrestricted unpickling appears only behind an explicit trust flag."""
+    loose = []
+    for path, call in _calls("load"):
+        if not (isinstance(call.func.value, ast.Name) and call.func.value.id == "torch"):
+            continue
+        kw = {k.arg: k.value for k in call.keywords}
+        value = kw.get("weights_only")
+        if isinstance(value, ast.Constant) and value.value is True:
+            continue
+        source = ast.unparse(value) if value is not None else "(default)"
+        if "trust" in source:  # weights_only=not trust_checkpoint
+            continue
+        loose.append(f"{path.relative_to(REPO)}:{call.lineno} weights_only={source}")
+    assert not loose, loose
+
+
+def test_pretrained_pickle_needs_trust_and_never_runs_code(tmp_path):
+    from vimoe_dist.model import build_model
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"blocks.0.attn.qkv.weight": _Exploit(marker)}, f, protocol=2)
+    cfg = load_config(REPO / "configs" / "digits.yaml", [f"model.pretrained={evil}"])
+    with pytest.raises(UserError, match=r"run\.trust_checkpoint"):
+        build_model(cfg.model)
+    assert not marker.exists()
+
+
+def test_checkpoint_of_unknown_origin_is_checked_before_loading(tmp_path):
+    """`vimoe eval/export --checkpoint DIR` reads files that may come from anywhere: weights_only as well."""
+    from vimoe_dist.train.checkpoint import load_model
+
+    marker = tmp_path / "ran"
+    tag = tmp_path / "ckpt" / "step_00000001"
+    tag.mkdir(parents=True)
+    with open(tag / "mp_rank_00_model_states.pt", "wb") as f:
+        pickle.dump({"module": {"x": _Exploit(marker)}}, f, protocol=2)
+    (tag / "COMPLETE").write_text("1\n")
+    cfg = load_config(REPO / "configs" / "digits.yaml")
+    with pytest.raises(UserError, match="trust_checkpoint"):
+        load_model(cfg, tmp_path / "ckpt")
+    assert not marker.exists()
+    # the same directory with real tensors loads fine (the check is not a blanket refusal)
+    torch.save({"module": {"x": torch.zeros(1)}}, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(UserError, match="does not fit"):
+        load_model(cfg, tmp_path / "ckpt")
+
+
+def test_runs_write_no_secret_from_the_environment(reference, jobs):
+    """Every run of the suite had AWS_SECRET_ACCESS_KEY set; neither the run directory nor any log holds it."""
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY") != SECRET  # only the runs had it
+    files = [p for p in reference.rglob("*") if p.is_file()] + sorted(jobs.tmp.glob("*.log"))
+    assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".log" for p in files)
+    leaks = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaks, leaks
+    # and the resolved config holds only config keys
+    resolved = yaml.safe_load((reference / "config.yaml").read_text())
+    assert not re.search(r"AWS|SECRET|TOKEN|PASSWORD", yaml.safe_dump(resolved), re.IGNORECASE)
