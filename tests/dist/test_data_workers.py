@@ -6,6 +6,8 @@ depends only on cfg, rank and world size)."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 
@@ -88,3 +90,27 @@ def test_train_stream_with_workers(digits):
     assert shards[0].isdisjoint(shards[1])
     again = [b["key"] for b in itertools.islice(iter(build_train_loader(cfg, 0, 2)), 40)]
     assert again == sequences[0]
+
+
+EXIT_SCRIPT = """
+import sys
+from vimoe_dist.config import load_config
+from vimoe_dist.data import build_train_loader
+cfg = load_config(None, ["data.train={train}", "model.img_size=8", "model.num_classes=10", "model.moe.group_size=1",
+                         "train.global_batch_size=8", "data.num_workers=2"])
+loader = build_train_loader(cfg, 0, 1)
+batches = iter(loader)
+next(batches)
+sys.modules["__main__"].kept = (loader, batches)  # still referenced when the interpreter exits
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.dist
+def test_interpreter_exits_with_loader_workers_alive(digits):
+    """Workers ignore SIGTERM (preemption is the rank's business), so multiprocessing's exit hook cannot end them;
+    ours must, or every process that still holds a loader at exit hangs forever."""
+    script = EXIT_SCRIPT.format(train=f"{digits}/train-{{000000..000011}}.tar")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "exiting" in proc.stdout and "Traceback" not in proc.stderr

@@ -66,3 +66,21 @@ def test_truncation_and_corruption_raise(tmp_path):
     assert list(iter_members(io.BytesIO(b""))) == []
     os.truncate(path, 0)
     assert scan_members(str(path)) == []
+
+
+def test_tar_index_reads_samples_by_position(tmp_path):
+    from vimoe_dist.data.exact import TarIndex
+
+    raw = make_tar(tarfile.PAX_FORMAT, ("x/ä1.jpg", "x/ä1.cls", "b.png", "b.cls", LONG), dirs=False)
+    path = tmp_path / "s.tar"
+    path.write_bytes(raw)
+    index = TarIndex(str(path))
+    expected = reference(raw)
+    assert len(index) == 3 and index.error is None
+    assert index.read(0) == {"__key__": "x/ä1", "__url__": str(path), "jpg": expected[0][1], "cls": expected[1][1]}
+    assert index.read(2)["__key__"] == LONG.split(".")[0]
+    with tarfile.open(path) as tar:
+        cut = tar.getmember(LONG).offset_data + 10
+    os.truncate(path, cut)  # inside the last member's data
+    damaged = TarIndex(str(path))
+    assert damaged.error is not None and len(damaged) == 2 and damaged.read(1)["png"] == expected[2][1]

@@ -33,14 +33,16 @@ _PERM, _SUB, _AUG = 0x7065726D, 0x737562, 0x617567
 
 
 class TarIndex:
-    """Sample groups of one local tar: key and (extension -> (offset, size)) of every member, read once."""
+    """Sample groups of one local tar: the key and the (extension, offset, size) of every member, read once.
+
+    Stored compactly (numpy arrays, members in CSR layout, extension names interned): about 70 bytes per sample
+    instead of ~500 for Python dicts, which matters when every worker of every rank indexes an ImageNet.
+    """
 
     def __init__(self, path: str) -> None:
         from webdataset.tariterators import base_plus_ext
 
         self.path = path
-        self.keys: list[str] = []
-        self.members: list[dict[str, tuple[int, int]]] = []
         self.error: str | None = None
         entries: list[tuple[str, int, int]] = []
         try:
@@ -50,16 +52,32 @@ class TarIndex:
             self.error = f"ReadError: {e.args[0]}"[:200]
         except (OSError, ValueError) as e:
             self.error = f"{type(e).__name__}: {e}"[:200]
+        keys: list[str] = []
+        starts: list[int] = []
+        ext_ids: list[int] = []
+        self.ext_names: list[str] = []
+        intern: dict[str, int] = {}
+        kept = []
         for name, offset, size in entries:
             if name.startswith("__"):
                 continue
             prefix, suffix = base_plus_ext(name)
             if prefix is None:
                 continue
-            if not self.keys or self.keys[-1] != prefix:
-                self.keys.append(prefix)
-                self.members.append({})
-            self.members[-1][suffix.lower()] = (offset, size)
+            if not keys or keys[-1] != prefix:
+                keys.append(prefix)
+                starts.append(len(kept))
+            suffix = suffix.lower()
+            if suffix not in intern:
+                intern[suffix] = len(self.ext_names)
+                self.ext_names.append(suffix)
+            ext_ids.append(intern[suffix])
+            kept.append((offset, size))
+        self.keys = np.array([k.encode() for k in keys], dtype=np.bytes_) if keys else np.zeros(0, dtype="S1")
+        self.starts = np.array([*starts, len(kept)], dtype=np.int64)
+        self.offsets = np.array([o for o, _ in kept], dtype=np.int64)
+        self.sizes = np.array([n for _, n in kept], dtype=np.int64)
+        self.ext_ids = np.array(ext_ids, dtype=np.int16)
         self.size = _file_size(path)
 
     def __len__(self) -> int:
@@ -67,13 +85,14 @@ class TarIndex:
 
     def read(self, i: int) -> dict:
         """Sample i as a webdataset dict; members cut off by truncation are left out (the decoder flags them)."""
-        sample = {"__key__": self.keys[i], "__url__": self.path}
+        sample = {"__key__": self.keys[i].decode("utf-8"), "__url__": self.path}
         with open(self.path, "rb") as f:
-            for ext, (offset, size) in self.members[i].items():
+            for m in range(int(self.starts[i]), int(self.starts[i + 1])):
+                offset, size = int(self.offsets[m]), int(self.sizes[m])
                 if offset + size > self.size:
                     continue
                 f.seek(offset)
-                sample[ext] = f.read(size)
+                sample[self.ext_names[self.ext_ids[m]]] = f.read(size)
         return sample
 
 

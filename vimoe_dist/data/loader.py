@@ -22,7 +22,10 @@ steps (a streaming shuffle buffer has no cheap exact position to save).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -84,7 +87,7 @@ def resolve_split(cfg: Config, key: str, need_counts: bool) -> tuple[list[str], 
 
 def _loader(dataset, cfg: Config, sampler=None) -> DataLoader:
     workers = cfg.data.num_workers
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=None,
         sampler=sampler,
@@ -94,6 +97,9 @@ def _loader(dataset, cfg: Config, sampler=None) -> DataLoader:
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=ignore_stop_signals if workers else None,
     )
+    if workers:
+        _register_worker_reaper(loader)
+    return loader
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -108,6 +114,41 @@ def ignore_stop_signals(worker_id: int) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+_live_loaders: weakref.WeakSet = weakref.WeakSet()
+
+
+def _register_worker_reaper(loader: DataLoader) -> None:
+    """At exit, SIGKILL the workers of our DataLoaders that are still alive.
+
+    multiprocessing's own exit hook ends daemonic children with SIGTERM and then joins them; our workers ignore
+    SIGTERM (above), so a loader still referenced at exit (a traceback keeps it, a test abandons it) would hang
+    the interpreter in that join forever. atexit runs hooks last-registered-first, so this one (registered after
+    torch imported multiprocessing) runs before multiprocessing's.
+    """
+    if not _live_loaders:
+        atexit.unregister(_reap_workers)
+        atexit.register(_reap_workers)
+    _live_loaders.add(loader)
+
+
+def _reap_workers() -> None:
+    workers = []
+    for loader in list(_live_loaders):
+        iterator = getattr(loader, "_iterator", None)  # persistent workers: the one live iterator
+        if iterator is None:
+            continue
+        workers.extend(getattr(iterator, "_workers", []))
+        # torch's own shutdown first: asks the workers to stop, and stops watching them (else killing one below
+        # raises "DataLoader worker is killed" from torch's SIGCHLD handler)
+        with contextlib.suppress(Exception):
+            iterator._shutdown_workers()
+    alive = [w for w in workers if w.is_alive()]
+    for w in alive:
+        w.kill()
+    for w in alive:
+        w.join(timeout=5)
 
 
 def _unwrap(e: UserError) -> UserError:
