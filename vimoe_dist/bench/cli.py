@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--quick", action="store_true", help="fewer images and steps (a smoke run)")
     d.add_argument("--out", default="bench/results/data.json")
     d.set_defaults(func=_data)
+    from vimoe_dist.bench.soak import register_soak  # imports nothing heavy
+
+    register_soak(bsub)
     a = bsub.add_parser("all", help="moe, train and data with their defaults")
     a.set_defaults(func=_all)
 
