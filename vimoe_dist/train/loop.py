@@ -299,6 +299,7 @@ def resume(engine, cfg: Config, where: tuple[Path, str], rank: int, world: int) 
     """Loads weights (any ep_size: experts are stored one per file), optimizer state when the expert layout is
     unchanged, and this rank's data position and metric totals when the world size is unchanged."""
     from vimoe_dist.train import checkpoint
+    from vimoe_dist.train.peers import is_collective_failure
 
     root, tag = where
     trust = cfg.run.trust_checkpoint
@@ -314,6 +315,8 @@ def resume(engine, cfg: Config, where: tuple[Path, str], rank: int, world: int) 
         _, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=same_ep,
                                            load_lr_scheduler_states=False, load_module_strict=True)  # fmt: skip
     except (RuntimeError, KeyError, FileNotFoundError) as e:
+        if isinstance(e, RuntimeError) and is_collective_failure(e):
+            raise  # a peer died while loading: reported as such by train()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {str(root / tag)!r} does not fit this model or layout: {msg[:300]}") from None
     if client is None:
