@@ -21,7 +21,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 12
+STEPS = 16
 EVERY = 4
 SECRET = "vimoe-test-secret-4f1c9a7e0b2d"  # set as AWS_SECRET_ACCESS_KEY in every run; must appear in no file
 
@@ -160,6 +160,10 @@ class Jobs:
             "AWS_SECRET_ACCESS_KEY": SECRET,
             # a fresh rendezvous store per restart round (rank 0's), as the launcher tests do
             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+            # DeepSpeed's JIT-built CPU op in a cache of this interpreter's own: another checkout's .venv sharing
+            # ~/.cache/torch_extensions rebuilds it back and forth, and a rank waiting on that build misses the
+            # rendezvous
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
             **(env or {}),
         }
         run_env.pop("VIMOE_TEST_FAULTS", None)

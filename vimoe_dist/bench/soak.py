@@ -92,6 +92,10 @@ def soak(args: argparse.Namespace, data: Path, run_dir: Path) -> dict:
         "-m", "vimoe_dist", "train", "--config", args.config, *overrides,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # DeepSpeed JIT-builds its CPU communication op into torch's extension cache; a cache shared with another
+    # checkout's interpreter is rebuilt back and forth (and a build one of them interrupts fails the other): one per
+    # interpreter
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     log_path = run_dir.parent / "soak.log"
     samples: list[dict] = []
     series: list[dict] = []
