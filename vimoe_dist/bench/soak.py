@@ -20,6 +20,7 @@ memory against step per process with the warm-up boundary marked.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import socket
@@ -31,6 +32,7 @@ import urllib.request
 from pathlib import Path
 
 MIB = 1024 * 1024
+MIN_SAMPLES = 10  # samples after warm-up for a process to count as long-lived
 
 
 def register_soak(bsub: argparse._SubParsersAction) -> None:
@@ -250,15 +252,21 @@ def fit_slope(points: list[tuple[float, float]]) -> float:
 
 
 def summarize(samples: list[dict], series: list[dict], args: argparse.Namespace) -> dict:
+    """Per long-lived process (each rank, each rank's DataLoader worker): memory after warm-up and its fitted growth,
+    plus the memory timeline for the figure. Short-lived children (a compiler run while DeepSpeed builds its CPU op,
+    the final evaluation's worker) are only counted."""
     warm = int(args.steps * args.warmup)
-    processes = {}
-    for key in sorted({(s["rank"], s["role"], s["pid"]) for s in samples}):
-        rank, role, pid = key
-        rows = [s for s in samples if (s["rank"], s["role"], s["pid"]) == key and "step" in s]
+    processes, timeline, short_lived, workers_of = {}, {}, 0, collections.Counter()
+    keys = sorted({(s["rank"], s["role"], s["pid"]) for s in samples})
+    for rank, role, pid in keys:
+        rows = [s for s in samples if (s["rank"], s["role"], s["pid"]) == (rank, role, pid) and "step" in s]
         after = [s for s in rows if s["step"] >= warm and s["training"]]
-        name = f"rank {rank}" if role == "rank" else f"rank {rank} worker {pid}"
-        if len(after) < 3:
+        if len(after) < MIN_SAMPLES:
+            short_lived += 1
             continue
+        workers_of[rank] += role == "worker"
+        name = f"rank {rank}" if role == "rank" else f"rank {rank} data worker"
+        name += f" {workers_of[rank]}" if role == "worker" and workers_of[rank] > 1 else ""
         rss_slope = fit_slope([(s["step"], s["rss"]) for s in after])
         anon_slope = fit_slope([(s["step"], s["anon"]) for s in after])
         processes[name] = {
@@ -270,6 +278,12 @@ def summarize(samples: list[dict], series: list[dict], args: argparse.Namespace)
             "rss_mib_max": max(s["rss"] for s in rows) / MIB,
             "rss_mib_per_1k_steps": rss_slope * 1000 / MIB,
             "anon_mib_per_1k_steps": anon_slope * 1000 / MIB,
+        }
+        timeline[name] = {
+            "step": [s["step"] for s in rows],
+            "rss_mib": [round(s["rss"] / MIB, 2) for s in rows],
+            "anon_mib": [round(s["anon"] / MIB, 2) for s in rows],
+            "training": [int(s["training"]) for s in rows],
         }
     growth = [p["rss_mib_per_1k_steps"] for p in processes.values()]
     counts = {}
@@ -287,9 +301,9 @@ def summarize(samples: list[dict], series: list[dict], args: argparse.Namespace)
         "flat": bool(processes) and all(g < args.limit_mib_per_1k for g in growth),
         "worst_mib_per_1k_steps": max(growth) if growth else None,
         "processes": processes,
+        "short_lived_children": short_lived,
         "prometheus_series": counts,
-        "samples": samples,
-        "series_samples": series,
+        "timeline": timeline,
     }
 
 
@@ -300,22 +314,18 @@ def draw(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    by_proc: dict[tuple, list[dict]] = {}
-    for s in result["samples"]:
-        if "step" in s:
-            by_proc.setdefault((s["rank"], s["role"], s["pid"]), []).append(s)
-    for (rank, role, _), rows in sorted(by_proc.items()):
-        label = f"rank {rank}" if role == "rank" else f"rank {rank} data worker"
-        ax.plot([s["step"] for s in rows], [s["rss"] / MIB for s in rows], label=label,
-                linestyle="-" if role == "rank" else "--")  # fmt: skip
-    ax.axvline(result["warmup_steps"], color="grey", linewidth=0.8, linestyle=":")
-    ax.text(result["warmup_steps"], ax.get_ylim()[1], " warm-up ends", va="top", fontsize=8, color="grey")
+    for name, line in result["timeline"].items():
+        steps = [s for s, t in zip(line["step"], line["training"]) if t]
+        rss = [m for m, t in zip(line["rss_mib"], line["training"]) if t]
+        ax.plot(steps, rss, label=name, linestyle="-" if result["processes"][name]["role"] == "rank" else "--")
+    ax.axvspan(0, result["warmup_steps"], color="grey", alpha=0.12, linewidth=0, label="warm-up (not fitted)")
     worst = result["worst_mib_per_1k_steps"]
-    ax.set_title(f"Soak: {result['config']}, {result['steps']} steps on {result['ranks']} ranks | "
-                 f"worst growth after warm-up {worst:+.2f} MiB / 1k steps", fontsize=10)  # fmt: skip
+    ax.set_title(f"{result['config']}: {result['steps']} steps on {result['ranks']} CPU ranks\n"
+                 f"largest growth after warm-up: {worst:+.2f} MiB per 1,000 steps", fontsize=10)  # fmt: skip
     ax.set_xlabel("training step")
-    ax.set_ylabel("resident memory (MiB)")
+    ax.set_ylabel("resident memory, VmRSS (MiB)")
     ax.set_ylim(bottom=0)
+    ax.set_xlim(0, result["steps"])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
