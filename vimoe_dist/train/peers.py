@@ -23,20 +23,21 @@ def check_in_wait_s(timeout_s: float) -> float:
     return min(10.0, max(2.0, 0.05 * timeout_s))
 
 
-def missing_ranks(rank: int, world: int, wait_s: float) -> tuple[list[int] | None, str]:
+def missing_ranks(rank: int, world: int, wait_s: float, store=None) -> tuple[list[int] | None, str]:
     """Checks this rank in and returns (ranks that did not check in within `wait_s`, note).
 
-    The list is None when the store itself cannot be reached; the note then says who hosts it (a dead store host is
-    the likely culprit).
+    `store` defaults to the default process group's. The list is None when the store itself cannot be reached; the
+    note then says who hosts it (a dead store host is the likely culprit).
     """
     if world <= 1:
         return [], ""
-    try:
-        from torch.distributed import distributed_c10d as c10d
+    if store is None:
+        try:
+            from torch.distributed import distributed_c10d as c10d
 
-        store = c10d._get_default_store()
-    except Exception as e:  # no process group, or a torch without the accessor
-        return None, f"no rendezvous store to ask ({type(e).__name__})"
+            store = c10d._get_default_store()
+        except Exception as e:  # no process group, or a torch without the accessor
+            return None, f"no rendezvous store to ask ({type(e).__name__})"
     prefix = f"vimoe/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     try:
         store.set_timeout(datetime.timedelta(seconds=max(wait_s, 1.0)))
