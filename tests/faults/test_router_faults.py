@@ -6,6 +6,9 @@
 - a router forced to expert 0 (block 0): the expert-collapse warning names the block, the other block stays quiet;
 - router weights turned to NaN (a corrupted update that stays): the non-finite weights are never checkpointed and
   the run stops after `train.max_bad_steps` with one line naming the key and the block.
+
+A skipped step changes the run by design (its batch is not learned from), so here the check is "the checkpoint after
+the bad step equals the one before it", not equality with a run that never failed.
 """
 
 from __future__ import annotations
