@@ -163,7 +163,7 @@ class Jobs:
             # DeepSpeed's JIT-built CPU op in a cache of this interpreter's own: another checkout's .venv sharing
             # ~/.cache/torch_extensions rebuilds it back and forth, and a rank waiting on that build misses the
             # rendezvous
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
+            "TORCH_EXTENSIONS_DIR": extensions_dir(),
             **(env or {}),
         }
         run_env.pop("VIMOE_TEST_FAULTS", None)
@@ -207,8 +207,18 @@ def digits_dir(tmp_path_factory) -> Path:
     return out
 
 
+def extensions_dir() -> str:
+    return os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
 @pytest.fixture(scope="session")
 def jobs(digits_dir, tmp_path_factory) -> Jobs:
+    if not torch.cuda.is_available():
+        # DeepSpeed JIT-builds its CPU communication op on first use (about a minute on a busy machine): build it
+        # once here, so that no rank of the first job waits on the build past the rendezvous timeout
+        code = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=900,
+                       env={**os.environ, "TORCH_EXTENSIONS_DIR": extensions_dir()})  # fmt: skip
     return Jobs(digits_dir, tmp_path_factory.mktemp("fault-logs"))
 
 

@@ -14,7 +14,7 @@ STEPS = 400
 LIMIT_MIB_PER_1K = 16.0  # a leak of 16 KiB per step; the short window is noisier than the full soak's 8
 
 
-def test_short_soak_keeps_memory_flat(digits_dir, tmp_path):
+def test_short_soak_keeps_memory_flat(jobs, digits_dir, tmp_path):  # jobs: DeepSpeed's CPU op is built
     from vimoe_dist.bench.soak import soak, soak_arguments
 
     parser = argparse.ArgumentParser()

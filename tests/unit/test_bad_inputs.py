@@ -35,6 +35,12 @@ def _drive(cases: list[dict]) -> list[dict]:
     for name in ("torch", "timm", "deepspeed", "vimoe_dist.model", "vimoe_dist.dist.init", "vimoe_dist.metrics",
                  "vimoe_dist.train.loop", "vimoe_dist.data", "vimoe_dist.launch.cli"):  # fmt: skip
         importlib.import_module(name)
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed's CPU op, JIT-built on first use: once, before the children
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        ShareMemCommBuilder().load()
     import vimoe_dist.cli
 
     results = []
