@@ -4,6 +4,9 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
+# DeepSpeed JIT-builds a CPU communication op on first use; a cache per venv keeps two checkouts from rebuilding it
+# for each other (a rank waiting on a rebuild can miss the rendezvous)
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: demo test test-fast lint format bench clean
 
