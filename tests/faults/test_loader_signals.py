@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,3 +60,28 @@ def test_workers_ignore_stop_signals(digits_dir, sig):
     later = [next(batches) for _ in range(4)]
     assert all(b["image"].shape == first["image"].shape for b in later)
     del batches
+
+
+def test_exit_does_not_wait_for_workers_that_outlive_their_loader(digits_dir):
+    """A worker ignores SIGTERM, so multiprocessing's exit hook (SIGTERM, then join) would wait for it forever.
+    The reaper must find it even when the loader is gone and only torch's iterator survives (what a UserError from
+    `next()` does through its `__context__`; `make test` once hung for 90 minutes after its last test on that)."""
+    script = f"""
+import gc
+from vimoe_dist.config import load_config
+from vimoe_dist.data import build_train_loader
+cfg = load_config(None, ["data.train={digits_dir}/train-{{000000..000011}}.tar", "model.img_size=8",
+                         "model.num_classes=10", "model.moe.group_size=4", "train.global_batch_size=8",
+                         "data.num_workers=1"])
+train = build_train_loader(cfg, 0, 1)
+batches = iter(train)
+next(batches)
+survivor = train._it  # torch's iterator, holding the live worker
+del batches, train
+gc.collect()
+print("exiting", flush=True)
+"""
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "exiting" in result.stdout, result.stderr[-2000:]
+    assert time.monotonic() - start < 60

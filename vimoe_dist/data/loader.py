@@ -23,8 +23,10 @@ steps (a streaming shuffle buffer has no cheap exact position to save).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
+import multiprocessing.util  # noqa: F401  (its exit hook must be registered before ours, see _reap_workers)
+import signal
+import threading
 import weakref
 from collections.abc import Iterator
 
@@ -87,7 +89,7 @@ def resolve_split(cfg: Config, key: str, need_counts: bool) -> tuple[list[str], 
 
 def _loader(dataset, cfg: Config, sampler=None) -> DataLoader:
     workers = cfg.data.num_workers
-    loader = DataLoader(
+    return _DataLoader(
         dataset,
         batch_size=None,
         sampler=sampler,
@@ -97,9 +99,6 @@ def _loader(dataset, cfg: Config, sampler=None) -> DataLoader:
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=ignore_stop_signals if workers else None,
     )
-    if workers:
-        _register_worker_reaper(loader)
-    return loader
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -110,45 +109,45 @@ def ignore_stop_signals(worker_id: int) -> None:
     checkpoint. The rank alone handles the request (train/signals.py); its workers stop with it, and exit by
     themselves when it dies (torch's parent watchdog).
     """
-    import signal
-
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
 
-_live_loaders: weakref.WeakSet = weakref.WeakSet()
+_workers: weakref.WeakSet = weakref.WeakSet()  # every worker process our loaders started
 
 
-def _register_worker_reaper(loader: DataLoader) -> None:
-    """At exit, SIGKILL the workers of our DataLoaders that are still alive.
+class _DataLoader(DataLoader):
+    """torch's DataLoader, remembering the worker processes of each iterator it creates (for `_reap_workers`)."""
 
-    multiprocessing's own exit hook ends daemonic children with SIGTERM and then joins them; our workers ignore
-    SIGTERM (above), so a loader still referenced at exit (a traceback keeps it, a test abandons it) would hang
-    the interpreter in that join forever. atexit runs hooks last-registered-first, so this one (registered after
-    torch imported multiprocessing) runs before multiprocessing's.
-    """
-    if not _live_loaders:
-        atexit.unregister(_reap_workers)
-        atexit.register(_reap_workers)
-    _live_loaders.add(loader)
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        _workers.update(getattr(iterator, "_workers", ()))
+        return iterator
 
 
 def _reap_workers() -> None:
-    workers = []
-    for loader in list(_live_loaders):
-        iterator = getattr(loader, "_iterator", None)  # persistent workers: the one live iterator
-        if iterator is None:
-            continue
-        workers.extend(getattr(iterator, "_workers", []))
-        # torch's own shutdown first: asks the workers to stop, and stops watching them (else killing one below
-        # raises "DataLoader worker is killed" from torch's SIGCHLD handler)
-        with contextlib.suppress(Exception):
-            iterator._shutdown_workers()
-    alive = [w for w in workers if w.is_alive()]
+    """At exit, SIGKILL the workers of our loaders that are still alive.
+
+    multiprocessing's own exit hook ends daemonic children with SIGTERM and then joins them; our workers ignore
+    SIGTERM (above), so a worker still alive at exit would hang the interpreter in that join forever. A worker
+    outlives its loader more easily than one would think: a UserError raised from `next()` keeps torch's iterator
+    (and its workers) alive through the exception's `__context__` after the loader itself is gone, so the workers
+    are remembered themselves, not through their loaders. atexit runs hooks last-registered-first; this one is
+    registered at import, after `multiprocessing.util` registered its hook, so it runs first.
+    """
+    alive = [w for w in list(_workers) if w.is_alive()]
+    if not alive:
+        return
+    # torch's SIGCHLD handler would raise "DataLoader worker (pid N) is killed" for each worker we kill
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for w in alive:
         w.kill()
     for w in alive:
         w.join(timeout=5)
+
+
+atexit.register(_reap_workers)
 
 
 def _unwrap(e: UserError) -> UserError:
