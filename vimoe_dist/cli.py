@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.func(args)
     except UserError as e:
-        print(f"vimoe {args.command}: error: {e}", file=sys.stderr)
+        # one write: print() sends the text and the newline separately, and the ranks of a job share a stream
+        sys.stderr.write(f"vimoe {args.command}: error: {e}\n")
+        sys.stderr.flush()
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
