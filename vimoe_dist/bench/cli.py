@@ -65,7 +65,7 @@ def _moe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=8, help="images per routing group")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--capacity-factor", type=float, default=1.25)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--only", default="", help="comma-separated variant names (dense baselines always run)")
     p.add_argument("--out", default="bench/results/moe.json")
 

@@ -7,17 +7,19 @@ k times the work (k x T tokens through one timm Mlp), all in one interleaved run
 layer), above it where buffers are padded (DeepSpeed, fairscale); the dropless rows are the like-for-like measure.
 Soft MoE processes E x slots rows per group whatever T is, so its ratio compares different work.
 `speedup_vs_deepspeed` = time(DeepSpeed's layer at the same k) / time(layer).
+Both ratios are medians of per-round ratios (bench/timing.py): robust to the host's speed drifting between rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 
 import torch
 from timm.layers import Mlp
 
-from vimoe_dist.bench.timing import interleaved, print_table, write_json
+from vimoe_dist.bench.timing import interleaved_samples, paired_ratio, print_table, write_json
 from vimoe_dist.config import load_config
 
 
@@ -76,23 +78,23 @@ def run(args: argparse.Namespace) -> dict:
         variants = {n: f for n, f in variants.items() if n in keep or n.startswith("dense")}
 
     modules = {name: fn.module for name, fn in variants.items()}
-    times = interleaved(variants, rounds=args.rounds)
+    samples = interleaved_samples(variants, rounds=args.rounds)
     rows = []
-    for name, t in times.items():
+    for name, t in samples.items():
         k = meta[name]["k"]
         stats = getattr(modules[name], "last_stats", None)
-        dense = times.get(f"dense x{k}")
-        ds = times.get(f"deepspeed k{k}")
+        dense = samples.get(f"dense x{k}")
+        ds = samples.get(f"deepspeed k{k}")
         rows.append({
-            "variant": name, **meta[name], "ms": 1000 * t,
+            "variant": name, **meta[name], "ms": 1000 * statistics.median(t),
             "expert_rows": int(stats["tokens"].sum()) if stats else k * x.shape[0] * x.shape[1],
             "max_load": round(float(stats["tokens"].max() / stats["tokens"].float().mean()), 2) if stats else None,
-            "ratio_vs_dense": dense / t if dense and "dense" not in name else None,
-            "speedup_vs_deepspeed": ds / t if ds and not name.startswith(("deepspeed", "dense")) else None,
+            "ratio_vs_dense": paired_ratio(dense, t) if dense and "dense" not in name else None,
+            "speedup_vs_deepspeed": paired_ratio(ds, t) if ds and not name.startswith(("deepspeed", "dense")) else None,
         })  # fmt: skip
     print(f"\nMoE FFN forward+backward: dim {args.dim}, hidden {args.hidden}, {args.experts} experts, "
           f"{args.images}x{args.tokens} tokens, capacity factor {args.capacity_factor}, {torch.get_num_threads()} "
-          f"threads, median of {args.rounds} interleaved rounds")  # fmt: skip
+          f"threads, median of {args.rounds} interleaved rounds (ratios: median of the per-round ratios)")  # fmt: skip
     print_table(rows, ["variant", "k", "expert_rows", "max_load", "ms", "ratio_vs_dense", "speedup_vs_deepspeed"])
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     settings |= {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()}

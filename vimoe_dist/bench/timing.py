@@ -1,4 +1,6 @@
-"""Interleaved timing: every variant runs once per round; the median over rounds is a variant's time."""
+"""Interleaved timing: every variant runs once per round; the median over rounds is a variant's time, and the
+median over rounds of the per-round ratio compares two variants (the machine's speed drifts between rounds on a
+shared host; within one round the variants see nearly the same machine)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,13 @@ from pathlib import Path
 
 def interleaved(variants: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each variant."""
+    return {name: statistics.median(s) for name, s in interleaved_samples(variants, rounds, warmup).items()}
+
+
+def interleaved_samples(
+    variants: dict[str, Callable[[], None]], rounds: int, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Seconds of every call of each variant, one per round, in round order."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
@@ -20,7 +29,12 @@ def interleaved(variants: dict[str, Callable[[], None]], rounds: int, warmup: in
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of numerator[r] / denominator[r]."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
