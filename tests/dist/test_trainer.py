@@ -11,24 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from support import TINY_RUN
+
 from vimoe_dist.train.checkpoint import latest_tag, single_device_state_dict
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-
-TINY = [
-    "model.backbone=vit_tiny_patch16_224",
-    "model.img_size=16",
-    "model.backbone_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
-    "model.moe.layers=last-2",
-    "model.moe.num_experts=4",
-    "model.moe.group_size=4",
-    "train.global_batch_size=16",
-    "train.log_every=1",
-    "train.warmup_steps=2",
-    "data.order=exact",
-    "data.num_workers=0",
-]
-
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
@@ -48,7 +35,7 @@ def train(digits: Path, out: Path, nproc: int, *overrides: str, expect: int = 0)
         "--config",
         "configs/digits.yaml",
         *data,
-        *TINY,
+        *TINY_RUN,
         f"run.out_dir={out}",
         *overrides,
     ]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import TINY_RUN, children
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 16
@@ -26,22 +27,12 @@ EVERY = 4
 SECRET = "vimoe-test-secret-4f1c9a7e0b2d"  # set as AWS_SECRET_ACCESS_KEY in every run; must appear in no file
 
 TINY = [
-    "model.backbone=vit_tiny_patch16_224",
-    "model.img_size=16",
-    "model.backbone_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
-    "model.moe.layers=last-2",
-    "model.moe.num_experts=4",
-    "model.moe.group_size=4",
-    "train.global_batch_size=16",
-    "train.log_every=1",
-    "train.warmup_steps=2",
+    *TINY_RUN,
     "train.progress=false",
     f"train.steps={STEPS}",
     f"train.checkpoint_every={EVERY}",
     "train.keep_checkpoints=10",
     "parallel.ep_size=2",
-    "data.order=exact",
-    "data.num_workers=0",
 ]
 
 
@@ -88,7 +79,7 @@ class Run:
     def rank_pid(self, rank: int) -> int:
         """The pid of the worker with RANK=`rank`: a child of torchrun's agent (our process), leading its own
         session and process group (torchrun starts workers with start_new_session; read from Linux /proc)."""
-        for pid in _children(self.proc.pid):
+        for pid in children(self.proc.pid):
             try:
                 environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:
@@ -106,26 +97,13 @@ class Run:
     def kill(self) -> None:
         """Ends the agent and every worker's process group (DataLoader workers included); a stopped worker gets
         SIGCONT so that it can die."""
-        for pid in _children(self.proc.pid):
+        for pid in children(self.proc.pid):
             for sig in (signal.SIGKILL, signal.SIGCONT):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, sig)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                out.append(int(entry.name))
-    return out
 
 
 class Jobs:

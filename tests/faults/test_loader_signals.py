@@ -11,25 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from support import children
 
 from vimoe_dist.config import load_config
 from vimoe_dist.data import build_train_loader
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                out.append(int(entry.name))
-    return out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
@@ -46,10 +33,10 @@ def test_workers_ignore_stop_signals(digits_dir, sig):
             "data.num_workers=2",
         ],
     )
-    before = set(_children(os.getpid()))
+    before = set(children(os.getpid()))
     batches = iter(build_train_loader(cfg, 0, 1))
     first = next(batches)
-    workers = [p for p in _children(os.getpid()) if p not in before]
+    workers = [p for p in children(os.getpid()) if p not in before]
     assert len(workers) == 2, workers
     for pid in workers:
         os.kill(pid, sig)

@@ -9,7 +9,6 @@ with the metrics sinks (tests/unit/test_metrics_server.py); `pipe:` sources with
 from __future__ import annotations
 
 import ast
-import contextlib
 import os
 import pickle
 import re
@@ -19,9 +18,11 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, SECRET
+from support import raw_request
 
 from vimoe_dist.config import ConfigError, load_config
 from vimoe_dist.errors import UserError
+from vimoe_dist.net import free_port
 
 SOURCES = [p for d in ("vimoe_dist", "launcher", "bench") for p in (REPO / d).rglob("*.py")]
 
@@ -130,58 +131,38 @@ def test_runs_write_no_secret_from_the_environment(reference, jobs):
     assert not re.search(r"AWS|SECRET|TOKEN|PASSWORD", yaml.safe_dump(resolved), re.IGNORECASE)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _raw(port: int, payload: bytes, read: bool = True) -> bytes:
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(payload)
-        if not read:
-            return b""
-        chunks = []
-        with contextlib.suppress(OSError):
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks)
-
-
 def test_hostile_requests_to_the_metrics_endpoint_do_not_disturb_training(jobs, tmp_path):
     """While a real run trains, its /metrics endpoint gets garbage, path traversal, a request smuggling attempt, an
     oversized header and half-sent requests: none of it reaches a file, the environment or the run, which finishes."""
     import time
 
-    port = _free_port()
+    port = free_port("127.0.0.1")
     out = tmp_path / "run"
     job = jobs.start(out, "parallel.ep_size=1", f"metrics.port={port}", "train.steps=40", nproc=1)
     try:
         deadline = time.monotonic() + 300
         while True:  # the endpoint is up before the model is built
             try:
-                _raw(port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+                raw_request(port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
                 break
             except OSError:
                 assert job.proc.poll() is None and time.monotonic() < deadline, job.log[-3000:]
                 time.sleep(0.2)
         answers = [
-            _raw(port, b"\x00\xff\x16\x03\x01 not http at all\r\n\r\n"),
-            _raw(port, b"GET /../../../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n"),
-            _raw(port, b"GET /metrics/../config.yaml HTTP/1.0\r\n\r\n"),
-            _raw(port, b"GET /proc/self/environ HTTP/1.0\r\n\r\n"),
-            _raw(port, b"POST /metrics HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello"),
-            _raw(port, b"GET /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n"),
-            _raw(port, b"GET /metrics HTTP/1.0\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"),
+            raw_request(port, b"\x00\xff\x16\x03\x01 not http at all\r\n\r\n"),
+            raw_request(port, b"GET /../../../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n"),
+            raw_request(port, b"GET /metrics/../config.yaml HTTP/1.0\r\n\r\n"),
+            raw_request(port, b"GET /proc/self/environ HTTP/1.0\r\n\r\n"),
+            raw_request(port, b"POST /metrics HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello"),
+            raw_request(
+                port, b"GET /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n"
+            ),  # noqa: E501
+            raw_request(port, b"GET /metrics HTTP/1.0\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"),
         ]
         for _ in range(20):  # half-sent requests, closed at once
-            _raw(port, b"GET /metr", read=False)
+            raw_request(port, b"GET /metr", read=False)
         job.wait_for_step(5)
-        scrape = _raw(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+        scrape = raw_request(port, b"GET /metrics HTTP/1.0\r\n\r\n")
     except BaseException:
         job.kill()
         raise

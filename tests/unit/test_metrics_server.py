@@ -12,30 +12,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+from support import raw_request
 
 from vimoe_dist.config import load_config
 from vimoe_dist.errors import UserError
 from vimoe_dist.metrics import build_metrics
-
-
-def free_port(count: int = 1) -> int:
-    """A port p such that p .. p+count-1 are free right now on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + count <= 65535 and all(_is_free(port + i) for i in range(count)):
-            return port
-    raise RuntimeError("no free port range")
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+from vimoe_dist.net import free_port_block
 
 
 @contextlib.contextmanager
@@ -85,7 +67,7 @@ def listening_inodes() -> set[str]:
 
 
 def test_port_clash_is_a_clear_error_naming_the_port(tmp_path):
-    port = free_port(2)
+    port = free_port_block(2)
     with listener(port + 1):
         with pytest.raises(UserError, match=rf"port {port + 1} .*already in use.*metrics.port_search"):
             make(tmp_path, port, 1)  # local rank 1 wants port + 1
@@ -95,7 +77,7 @@ def test_port_clash_is_a_clear_error_naming_the_port(tmp_path):
 
 
 def test_port_clash_message_is_one_line(tmp_path):
-    port = free_port()
+    port = free_port_block(1)
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(f"metrics:\n  port: {port}\ntrain:\n  progress: false\n")
     with listener(port):
@@ -107,7 +89,7 @@ def test_port_clash_message_is_one_line(tmp_path):
 
 
 def test_port_search_takes_the_next_free_port_and_logs_it(tmp_path, caplog):
-    port = free_port(3)
+    port = free_port_block(3)
     with listener(port), caplog.at_level(logging.WARNING):
         metrics = make(tmp_path, port, 0, "metrics.port_search=true")
         try:
@@ -126,7 +108,7 @@ def test_port_zero_opens_no_port(tmp_path):
     assert listening_inodes() == before
     metrics.close()
     # and the same check does see a port when one is opened
-    port = free_port()
+    port = free_port_block(1)
     metrics = make(tmp_path, port)
     assert len(listening_inodes() - before) == 1
     metrics.close()
@@ -135,7 +117,7 @@ def test_port_zero_opens_no_port(tmp_path):
 
 def test_serves_only_the_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("VIMOE_TEST_SECRET", "s3cr3t-t0ken")
-    port = free_port()
+    port = free_port_block(1)
     metrics = make(tmp_path, port)
     try:
         status, headers, body = get(port)
@@ -155,21 +137,8 @@ def test_serves_only_the_metrics(tmp_path, monkeypatch):
         metrics.close()
 
 
-def raw(port: int, payload: bytes, read: bool = True) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        with contextlib.suppress(OSError):
-            s.sendall(payload)
-        if not read:
-            return b""
-        chunks = []
-        with contextlib.suppress(OSError):
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks)
-
-
 def test_malformed_requests_do_not_stop_training_or_the_endpoint(tmp_path):
-    port = free_port()
+    port = free_port_block(1)
     metrics = make(tmp_path, port)
     step = 0
 
@@ -192,11 +161,11 @@ def test_malformed_requests_do_not_stop_training_or_the_endpoint(tmp_path):
             b"GET /metrics HTTP/1.1\r\nHo",  # cut off mid-header, then closed
         ]
         for payload in bad:
-            reply = raw(port, payload, read=not payload.endswith(b"Ho"))
+            reply = raw_request(port, payload, read=not payload.endswith(b"Ho"))
             assert b"vimoe_train" not in reply or payload.startswith(b"GET /metrics HTTP/1.1\r\nHost")
             train(5)
             assert get(port)[0] == 200
-        assert raw(port, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
+        assert raw_request(port, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
         # several clients at once while training goes on
         results = []
         threads = [threading.Thread(target=lambda: results.append(get(port)[0])) for _ in range(8)]

@@ -23,13 +23,14 @@ import argparse
 import collections
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from vimoe_dist.net import free_port_block
 
 MIB = 1024 * 1024
 MIN_SAMPLES = 10  # samples after warm-up for a process to count as long-lived
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def soak(args: argparse.Namespace, data: Path, run_dir: Path) -> dict:
     """Runs the job, samples memory once a second, and returns samples, fits and verdict."""
-    port = _free_port_block(args.nproc)
+    port = free_port_block(args.nproc)
     num_train = len(list(data.glob("train-*.tar")))
     overrides = [
         f"run.out_dir={run_dir}",
@@ -214,25 +215,6 @@ def _attach_steps(samples: list[dict], metrics_path: Path) -> None:
             s["step"] = points[i - 1][1]
         # after the last logged step the job evaluates, saves and exits: not part of the steady state
         s["training"] = bool(times) and s["wall"] <= times[-1]
-
-
-def _free_port_block(n: int) -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65536 and all(_port_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no block of free ports for the metrics endpoints")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------------- analysis

@@ -20,13 +20,13 @@ what a plain `python` call inside `sbatch` means.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 from vimoe_dist.errors import UserError
 from vimoe_dist.launch.hostlist import expand_tasks_per_node, first_host
 from vimoe_dist.launch.rendezvous import slurm_master_port
+from vimoe_dist.net import free_port
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SOURCES = ("single", "torchrun", "deepspeed", "slurm")
@@ -170,15 +170,9 @@ def _single(environ: Mapping[str, str]) -> DistEnv:
         node_rank=0,
         num_nodes=1,
         master_addr=environ.get("MASTER_ADDR") or "127.0.0.1",
-        master_port=_int(environ, "MASTER_PORT") if environ.get("MASTER_PORT") else _free_port(),
+        master_port=_int(environ, "MASTER_PORT") if environ.get("MASTER_PORT") else free_port("127.0.0.1"),
         source="single",
     )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _int(environ: Mapping[str, str], name: str) -> int:

@@ -9,10 +9,10 @@ works too (`apptainer exec --nv vimoe.sif python`).
 from __future__ import annotations
 
 import shlex
-import socket
 from collections.abc import Sequence
 
 from vimoe_dist.errors import UserError
+from vimoe_dist.net import free_port
 
 # The deepspeed launcher would put `--local_rank=N` right after the module name (`python -m vimoe_dist --local_rank=1
 # train ...`), before the subcommand; `--no_local_rank` leaves it out and the ranks read LOCAL_RANK, which the
@@ -139,13 +139,6 @@ def build_deepspeed_hostfile(
     if no_ssh:
         cmd += ["--no_ssh", f"--node_rank={node_rank}"]
     return [*cmd, "--no_local_rank", "--module", "vimoe_dist", *train_args(config, overrides)]
-
-
-def free_port() -> int:
-    """A TCP port free on this machine right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def _check_positive(flag: str, value: int) -> int:

@@ -1,0 +1,51 @@
+"""Helpers several test suites share (on the path through `pythonpath` in pyproject.toml)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+
+# a 2-block ViT with both FFNs as 4-expert MoE layers on the digits shards: seconds per step on CPU ranks, and
+# every moving part of a real run (routing groups, expert parallelism, checkpoints, exact data order)
+TINY_RUN = [
+    "model.backbone=vit_tiny_patch16_224",
+    "model.img_size=16",
+    "model.backbone_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
+    "model.moe.layers=last-2",
+    "model.moe.num_experts=4",
+    "model.moe.group_size=4",
+    "train.global_batch_size=16",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+    "data.order=exact",
+    "data.num_workers=0",
+]
+
+
+def children(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (read from Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def raw_request(port: int, payload: bytes, read: bool = True) -> bytes:
+    """Sends raw bytes to 127.0.0.1:`port` and returns whatever comes back until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        with contextlib.suppress(OSError):
+            s.sendall(payload)
+        if not read:
+            return b""
+        chunks = []
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
