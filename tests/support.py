@@ -49,3 +49,26 @@ def raw_request(port: int, payload: bytes, read: bool = True) -> bytes:
             while chunk := s.recv(65536):
                 chunks.append(chunk)
         return b"".join(chunks)
+
+
+# The start of a stand-in for `python` in `vimoe study --launch`: it receives `-m vimoe_dist train --config FILE
+# key=value...`, applies the overrides with plain YAML (importing torch per point would dominate the tests) and
+# computes a top-1 that depends on L and the shared expert; each test appends what a finished run leaves.
+FAKE_TRAINER_HEAD = """
+import json, os, sys, pathlib, yaml
+args = sys.argv[1:]
+assert args[:4] == ["-m", "vimoe_dist", "train", "--config"], args
+cfg = yaml.safe_load(open(args[4]))
+for item in args[5:]:
+    key, value = item.split("=", 1)
+    node = cfg
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = yaml.safe_load(value)
+out = pathlib.Path(cfg["run"]["out_dir"])
+out.mkdir(parents=True, exist_ok=True)
+moe = cfg["model"]["moe"]
+L = int(moe["layers"][5:])
+top1 = 0.5 + 0.05 * L * (1 if moe["shared_expert"] else -1)
+"""

@@ -156,7 +156,7 @@ def test_hostile_requests_to_the_metrics_endpoint_do_not_disturb_training(jobs, 
             raw_request(port, b"POST /metrics HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello"),
             raw_request(
                 port, b"GET /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n"
-            ),  # noqa: E501
+            ),
             raw_request(port, b"GET /metrics HTTP/1.0\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"),
         ]
         for _ in range(20):  # half-sent requests, closed at once

@@ -15,33 +15,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import FAKE_TRAINER_HEAD
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 
-STAND_IN = """
-import json, os, pathlib, sys, yaml
-args = sys.argv[1:]
-assert args[:4] == ["-m", "vimoe_dist", "train", "--config"], args
+STAND_IN = (
+    FAKE_TRAINER_HEAD
+    + """
 assert "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_STEP_ID" in os.environ  # an array task, inside srun
-cfg = yaml.safe_load(open(args[4]))
-for item in args[5:]:
-    key, value = item.split("=", 1)
-    node = cfg
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = yaml.safe_load(value)
-out = pathlib.Path(cfg["run"]["out_dir"])
-out.mkdir(parents=True, exist_ok=True)
-moe = cfg["model"]["moe"]
-L = int(moe["layers"][5:])
 (out / "config.yaml").write_text(yaml.safe_dump(cfg))
-top1 = 0.5 + 0.05 * L * (1 if moe["shared_expert"] else -1)
 (out / "eval.json").write_text(json.dumps({"top1": top1, "top5": 1.0, "loss": 1.0, "images": 1}))
 (out / "task.json").write_text(json.dumps({"task": os.environ["SLURM_ARRAY_TASK_ID"], "host": os.uname().nodename}))
 """
+)
 
 
 def test_study_as_slurm_array(slurm_cluster, tmp_path) -> None:

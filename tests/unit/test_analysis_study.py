@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import FAKE_TRAINER_HEAD
 
 from vimoe_dist.analysis.study import Point, collect_results, parse_L, sweep_points, task_script, train_args
 from vimoe_dist.cli import build_parser, main
@@ -20,34 +21,20 @@ from vimoe_dist.errors import UserError
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "digits.yaml")
 
-# Stands in for `python` in `--launch`: receives `-m vimoe_dist train --config FILE key=value...` and writes what a
-# finished run leaves (config.yaml, eval.json), with a top-1 that depends on L and the shared expert. Real training
-# runs take minutes here (the chain test trains for real) and even importing torch per point would dominate, so it
-# applies the overrides with plain YAML; that the same line parses as a real config: test_points_and_commands.
-FAKE_TRAINER = """
-import json, sys, pathlib, yaml
-args = sys.argv[1:]
-assert args[:4] == ["-m", "vimoe_dist", "train", "--config"], args
-cfg = yaml.safe_load(open(args[4]))
-for item in args[5:]:
-    key, value = item.split("=", 1)
-    node = cfg
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = yaml.safe_load(value)
-out = pathlib.Path(cfg["run"]["out_dir"])
-out.mkdir(parents=True, exist_ok=True)
-moe = cfg["model"]["moe"]
-L = int(moe["layers"][5:])
+# Stands in for `python` in `--launch` (tests/support.py) and writes what a finished run leaves (config.yaml,
+# eval.json); real training runs take minutes here (the chain test trains for real). That the same command line
+# parses as a real config: test_points_and_commands.
+FAKE_TRAINER = (
+    FAKE_TRAINER_HEAD
+    + """
 if L == 4 and not moe["shared_expert"]:
     sys.exit(3)  # a failing point
 (out / "config.yaml").write_text(yaml.safe_dump(cfg))
-top1 = 0.5 + 0.05 * L * (1 if moe["shared_expert"] else -1)
 (out / "eval.json").write_text(json.dumps({"top1": top1, "top5": 1.0, "loss": 1.0, "images": 360}))
 with open(out.parent / "calls.txt", "a") as f:
     f.write(out.name + "\\n")
 """
+)
 
 
 def test_points_and_commands() -> None:
