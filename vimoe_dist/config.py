@@ -419,6 +419,25 @@ def validate(cfg: Config) -> None:
     _positive("metrics.push_timeout_s", cfg.metrics.push_timeout_s)
 
 
+def check_layout(cfg: Config, world: int) -> None:
+    """The parallel layout must divide evenly on `world` ranks; the trainer checks it before any work starts and the
+    launchers before they start any rank."""
+    p, t, moe = cfg.parallel, cfg.train, cfg.model.moe
+    if world % p.ep_size:
+        raise ConfigError(f"parallel.ep_size: {p.ep_size} does not divide the world size {world}")
+    if t.global_batch_size % (world * t.grad_accum):
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by world size {world} x "
+            f"train.grad_accum {t.grad_accum}"
+        )
+    micro = t.global_batch_size // (world * t.grad_accum)
+    if micro % moe.group_size:
+        raise ConfigError(
+            f"model.moe.group_size: {moe.group_size} does not divide the per-rank micro-batch of {micro} images "
+            f"(train.global_batch_size {t.global_batch_size} / {world} ranks / {t.grad_accum} accumulation)"
+        )
+
+
 def parse_layers(layers: Any, depth: int | None) -> list[int]:
     """`last-L` or a list of block indices -> sorted block indices; checked against `depth` when given."""
     key = "model.moe.layers"

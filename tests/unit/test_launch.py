@@ -58,14 +58,14 @@ def test_local_deepspeed_dry_run_prints_the_exact_command(config, capsys):
 
 def test_local_torchrun_dry_run(config, capsys):
     code, out, _ = run_cli(
-        ["launch", "local", "--nproc", "3", "--launcher", "torchrun", "--max-restarts", "1", "--dry-run",
+        ["launch", "local", "--nproc", "4", "--launcher", "torchrun", "--max-restarts", "1", "--dry-run",
          "--python", PY, "--config", str(config)],
         capsys,
     )  # fmt: skip
     assert code == 0
     assert shlex.split(out) == [
         "env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",  # a fresh rendezvous store for every restart round
-        PY, "-m", "torch.distributed.run", "--nproc-per-node=3", "--nnodes=1", "--standalone", "--max-restarts=1",
+        PY, "-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=1", "--standalone", "--max-restarts=1",
         "-m", "vimoe_dist", "train", "--config", str(config),
     ]  # fmt: skip
 
@@ -81,6 +81,29 @@ def test_bad_config_fails_before_launching(config, capsys):
         ["launch", "local", "--nproc", "2", "--dry-run", "--config", str(config), "train.steps=ten"], capsys
     )
     assert code == 2 and out == "" and "train.steps" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv, ranks",
+    [
+        (["local", "--nproc", "3"], "(--nproc 3)"),
+        (["local", "--nproc", "3", "--launcher", "torchrun"], "(--nproc 3)"),
+        (["slurm", "--nodes", "3"], "(--nodes 3 x 1 ranks per node)"),
+        (["slurm", "--nodes", "1", "--ntasks-per-node", "3"], "(--nodes 1 x 3 ranks per node)"),
+        (["hostfile", "--hostfile", "HOSTFILE", "--num-gpus", "3"], "(3 ranks: the slots of HOSTFILE)"),
+    ],
+)
+def test_layouts_that_cannot_work_fail_before_any_rank_starts(config, tmp_path, capsys, argv, ranks):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("n1 slots=4\n")
+    argv = [a.replace("HOSTFILE", str(hostfile)) for a in argv]
+    ranks = ranks.replace("HOSTFILE", str(hostfile))
+    code, out, err = run_cli(
+        ["launch", *argv, "--dry-run", "--config", str(config), "parallel.ep_size=2", "train.global_batch_size=48"],
+        capsys,
+    )
+    assert code == 2 and out == ""
+    assert err == f"vimoe launch: error: parallel.ep_size: 2 does not divide the world size 3 {ranks}\n"
 
 
 def test_max_restarts_needs_torchrun(config, capsys):

@@ -143,10 +143,21 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _check_world(cfg, world: int, ranks: str) -> None:
+    """A layout that cannot work on the `world` ranks this launch starts fails here, before any rank starts
+    (`ranks` says where the number comes from)."""
+    from vimoe_dist.config import ConfigError, check_layout
+
+    try:
+        check_layout(cfg, world)
+    except ConfigError as e:
+        raise ConfigError(f"{e} ({ranks})") from None
+
+
 def _local(args: argparse.Namespace) -> int:
     from vimoe_dist.launch.cmdline import build_deepspeed_local, build_torchrun
 
-    _load(args)
+    cfg = _load(args)
     if args.launcher == "torchrun":
         cmd = build_torchrun(
             args.python,
@@ -160,6 +171,7 @@ def _local(args: argparse.Namespace) -> int:
         if args.max_restarts:
             raise UserError("--max-restarts needs --launcher torchrun (the deepspeed launcher does not restart ranks)")
         cmd = build_deepspeed_local(args.python, args.nproc, args.config, args.overrides, master_port=args.master_port)
+    _check_world(cfg, args.nproc, f"--nproc {args.nproc}")  # after the builders checked that it is positive
     return _exec(cmd, args.dry_run)
 
 
@@ -188,6 +200,10 @@ def _hostfile(args: argparse.Namespace) -> int:
     )
     if args.no_ssh and args.node_rank >= len(hosts):
         raise UserError(f"--node-rank={args.node_rank} but {args.hostfile} lists {len(hosts)} hosts")
+    if not (args.include or args.exclude):  # with them the launcher picks the slots; the ranks check themselves
+        slots = list(hosts.values())[: args.num_nodes or len(hosts)]
+        world = sum(min(n, args.num_gpus or n) for n in slots)
+        _check_world(cfg, world, f"{world} ranks: the slots of {args.hostfile}")
     print(f"# hostfile {args.hostfile}: {len(hosts)} hosts, {sum(hosts.values())} slots", file=sys.stderr)
     if args.env:
         # the ranks on this node inherit the variables; the deepspeed launcher forwards the NAME=VALUE lines of
@@ -239,6 +255,9 @@ def _slurm(args: argparse.Namespace) -> int:
         script = render_sbatch(job, template.read_text())
     except OSError as e:
         raise UserError(f"--template {template}: {e.strerror}") from None
+    _check_world(
+        cfg, job.nodes * job.num_tasks_per_node, f"--nodes {job.nodes} x {job.num_tasks_per_node} ranks per node"
+    )
     if not args.submit:
         print(script, end="")
         return 0

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vimoe_dist.config import Config, ConfigError, save_config
+from vimoe_dist.config import Config, ConfigError, check_layout, save_config
 from vimoe_dist.errors import UserError
 from vimoe_dist.train.signals import EXIT_REQUEUE, StopRequest
 
@@ -247,24 +247,6 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"model.pretrained: file {source!r} does not exist")
     if cfg.parallel.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("parallel.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-
-
-def check_layout(cfg: Config, world: int) -> None:
-    """The parallel layout must divide evenly; checked before any work starts."""
-    p, t, moe = cfg.parallel, cfg.train, cfg.model.moe
-    if world % p.ep_size:
-        raise ConfigError(f"parallel.ep_size: {p.ep_size} does not divide the world size {world}")
-    if t.global_batch_size % (world * t.grad_accum):
-        raise ConfigError(
-            f"train.global_batch_size: {t.global_batch_size} is not divisible by world size {world} x "
-            f"train.grad_accum {t.grad_accum}"
-        )
-    micro = t.global_batch_size // (world * t.grad_accum)
-    if micro % moe.group_size:
-        raise ConfigError(
-            f"model.moe.group_size: {moe.group_size} does not divide the per-rank micro-batch of {micro} images "
-            f"(train.global_batch_size {t.global_batch_size} / {world} ranks / {t.grad_accum} accumulation)"
-        )
 
 
 def prepare_run_dir(cfg: Config, rank: int) -> Path:
