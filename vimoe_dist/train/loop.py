@@ -19,6 +19,8 @@ Faults (tests/faults/ injects each one into real runs):
 - a non-finite loss: every rank skips the update; the log and a `nonfinite_loss` event name the step and the MoE
   block whose router went bad; weights with a NaN are never saved; `train.max_bad_steps` in a row stop the run;
 - a full or read-only checkpoint directory: one error naming it, the last good checkpoint kept;
+- a data loader that fails on one rank (past `data.max_bad_fraction`, an unreadable shard): every rank stops at
+  that step with one line, the failed rank's naming the shards (placeholder_batch);
 - expert collapse: a warning and an `expert_collapse` event naming the block (RoutingMonitor).
 """
 
@@ -119,17 +121,26 @@ def train(cfg: Config) -> int:
             data_wait, skipped = 0.0, False
             for _ in range(t.grad_accum):
                 t_wait = time.perf_counter()
-                batch = next(batches)
+                try:
+                    batch, data_error = next(batches), None
+                except Exception as e:  # re-raised below, once every rank knows (see placeholder_batch)
+                    batch, data_error = placeholder_batch(cfg, world), e
                 data_wait += time.perf_counter() - t_wait
                 images = batch["image"].to(device, non_blocking=True).to(dtype)
                 target = batch.get("target", batch["label"]).to(device, non_blocking=True)
                 logits = engine(images)
                 loss = criterion(logits.float(), target) + monitor.aux_loss()
-                # every rank must agree to skip a bad step (the gradient all-reduce is collective)
-                stop_flag = torch.tensor(float(stop.requested), device=device)
-                flags = torch.stack([(~torch.isfinite(loss.detach())).float(), stop_flag])
+                # every rank must agree to skip a bad step (the gradient all-reduce is collective), to stop, and to
+                # end the run when one rank's data failed
+                failed_code = float(rank + 1 if data_error is not None else 0)
+                status = torch.tensor([float(stop.requested), failed_code], device=device)
+                flags = torch.cat([(~torch.isfinite(loss.detach())).float().view(1), status])
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                bad, stop_now = flags.tolist()
+                bad, stop_now, failed = flags.tolist()
+                if failed:
+                    if data_error is not None:
+                        raise data_error
+                    raise UserError(f"stopping with rank {int(failed) - 1}, whose training data failed (see its error)")
                 if bad:
                     skipped = True
                     break
@@ -311,6 +322,23 @@ def resume(engine, cfg: Config, where: tuple[Path, str], rank: int, world: int) 
     if rank == 0:
         log.info("resumed from %s at step %d", root / tag, step)
     return step, rank_state or {}
+
+
+def placeholder_batch(cfg: Config, world: int) -> dict:
+    """A batch of zeros of the right shape for a rank whose data loader just failed.
+
+    Every forward of an expert-parallel model is a collective (the MoE all-to-alls), so a rank cannot simply leave:
+    the others would wait in their next all-to-all until the timeout. The failed rank runs this batch instead, the
+    per-step flags tell every rank, and all of them stop together with the failed rank's error; the happy path costs
+    nothing extra (the flags are all-reduced anyway).
+    """
+    from vimoe_dist.data.loader import micro_batch_size
+
+    b, m = micro_batch_size(cfg, world), cfg.model
+    batch = {"image": torch.zeros(b, m.in_chans, m.img_size, m.img_size), "label": torch.zeros(b, dtype=torch.long)}
+    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
+        batch["target"] = torch.zeros(b, m.num_classes)
+    return batch
 
 
 def build_criterion(cfg: Config):
