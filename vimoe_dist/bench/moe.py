@@ -68,6 +68,11 @@ def run(args: argparse.Namespace) -> dict:
     for k in sorted({1, args.top_k}):
         variants[f"vimoe tc-softmax dropless k{k}"] = _step(_moe("vimoe", "tc-softmax", k, args, None), x)
         meta[f"vimoe tc-softmax dropless k{k}"] = {"impl": "vimoe", "router": "tc-softmax dropless", "k": k}
+    if hasattr(torch.nn.functional, "grouped_mm"):  # the bank's fused path, forced (auto picks it on CUDA bf16 only)
+        grouped = _moe("vimoe", "tc-softmax", args.top_k, args)
+        grouped.experts.grouped_mm = True
+        variants["vimoe tc-softmax grouped_mm"] = _step(grouped, x)
+        meta["vimoe tc-softmax grouped_mm"] = {"impl": "vimoe", "router": "tc-softmax", "k": args.top_k}
     for k in (1, 2):
         variants[f"deepspeed k{k}"] = _step(_moe("deepspeed", "tc-softmax", k, args), x)
         meta[f"deepspeed k{k}"] = {"impl": "deepspeed", "router": "TopKGate", "k": k}

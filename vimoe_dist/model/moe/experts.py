@@ -11,14 +11,31 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """True where torch has a fused grouped GEMM for `x`: `F.grouped_mm` on CUDA, bf16, compute capability >= 8.0
+    (its documented domain; elsewhere it is absent or falls back to a loop of its own)."""
+    return (
+        hasattr(F, "grouped_mm")
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
 class GroupedExperts(nn.Module):
     """E two-layer GELU FFNs (timm `Mlp` each) whose weights are stacked, so that slicing a shard of experts or
     copying one dense FFN into all of them is a tensor operation.
 
-    The forward runs one matmul pair per expert on that expert's contiguous slice of rows (sizes may differ: this is
-    what makes dropless routing cost exactly the routed rows, and it is torchtitan's for-loop path). No row is
-    padded and no dense [T, E, C] tensor is ever built.
+    Every expert runs on its own contiguous slice of rows (sizes may differ: this is what makes dropless routing cost
+    exactly the routed rows); no row is padded and no dense [T, E, C] tensor is ever built. Two paths compute it:
+    - grouped GEMM (`F.grouped_mm`, one kernel for all experts' slices, offsets on the device, no host sync) where
+      torch has a fused kernel: CUDA, bf16, sm80+;
+    - elsewhere one matmul pair per expert (torchtitan's for-loop path), which on CPU is as fast: there the matmuls
+      dominate and a grouped call would loop the same way.
+    `grouped_mm` = None picks per call (`grouped_mm_available`); True or False forces a path (tests, benchmarks).
     """
+
+    grouped_mm: bool | None = None
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
@@ -47,6 +64,9 @@ class GroupedExperts(nn.Module):
         self.fc2_bias.copy_((mlp.fc2.bias * out_scale).expand_as(self.fc2_bias))
 
     def forward(self, x_XD: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
+        use_grouped = grouped_mm_available(x_XD) if self.grouped_mm is None else self.grouped_mm
+        if use_grouped:
+            return self._forward_grouped(x_XD, counts_E)
         sizes = counts_E.tolist() if torch.is_tensor(counts_E) else list(counts_E)
         outs = []
         # unbind, not indexing: the backward of w[e] would build a zero gradient of the whole bank for every
@@ -56,6 +76,18 @@ class GroupedExperts(nn.Module):
         for e, x in enumerate(torch.split(x_XD, sizes)):
             outs.append(F.linear(self.act(F.linear(x, w1[e], b1[e])), w2[e], b2[e]))
         return torch.cat(outs)
+
+    def _forward_grouped(self, x_XD: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
+        counts = torch.as_tensor(counts_E, device=x_XD.device)
+        offsets = counts.cumsum(0).to(torch.int32)
+        X = x_XD.shape[0]
+        # the per-expert biases broadcast to the rows (grouped_mm's own bias is one for all groups)
+        b1_XH = self.fc1_bias.to(x_XD.dtype).repeat_interleave(counts, dim=0, output_size=X)
+        b2_XD = self.fc2_bias.to(x_XD.dtype).repeat_interleave(counts, dim=0, output_size=X)
+        w1 = self.fc1_weight.to(x_XD.dtype).transpose(-2, -1)  # [E, D, H], the nn.Linear layout transposed
+        w2 = self.fc2_weight.to(x_XD.dtype).transpose(-2, -1)  # [E, H, D]
+        h_XH = self.act(F.grouped_mm(x_XD, w1, offs=offsets) + b1_XH)
+        return F.grouped_mm(h_XH, w2, offs=offsets) + b2_XD
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"
