@@ -59,3 +59,23 @@ def test_sigterm_then_sigusr1_checkpoint_exit_75_and_resume_exactly(jobs, refere
     # the same command again finishes the run: the weights are those of the uninterrupted run
     jobs.run(out, workers)
     assert_same_weights(final_weights(reference), final_weights(out))
+
+
+def test_sigterm_during_an_evaluation_checkpoints_at_once_and_resumes_exactly(jobs, reference, tmp_path):
+    """The ranks agree before every evaluation batch whether one of them was asked to stop, and leave the evaluation
+    together to checkpoint: a long evaluation must not eat the grace time the checkpoint needs."""
+    out = tmp_path / "run"
+    job = jobs.start(out, "train.eval_every=6", faults="term_in_eval@6:rank=1")
+    job.finish()
+    log = job.log
+    assert "rank 1: SIGTERM received during the evaluation, checkpointing at step 6" in log, log[-3000:]
+    assert "rank 0: stop request from another rank received during the evaluation" in log, log[-3000:]
+    assert len(re.findall(r"exit code 75", log)) == 2, log[-3000:]
+    assert _saved_step(out) == 6
+    records = [line for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_top1" in line]
+    assert records == [], records  # the interrupted evaluation reports nothing
+
+    # rerun: resumes at step 6, evaluates on schedule at step 12, finishes with the uninterrupted run's weights
+    job = jobs.run(out, "train.eval_every=6")
+    assert f"resumed from {out / 'checkpoints' / 'step_00000006'} at step 6" in job.log, job.log[-3000:]
+    assert_same_weights(final_weights(reference), final_weights(out))

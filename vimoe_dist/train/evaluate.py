@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -9,13 +11,27 @@ from torch import nn
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict | None:
     """top-1, top-5, mean loss and image count. Every rank must call it (the MoE all-to-all is a collective in every
-    forward); padding samples (`valid` False) run through the model but are not counted."""
+    forward); padding samples (`valid` False) run through the model but are not counted.
+
+    With `should_stop` (the trainer's preemption flag) the ranks agree before every batch whether any of them wants
+    to stop, and leave together, returning None: a signal that arrives during a long evaluation must not spend the
+    grace time that the checkpoint needs.
+    """
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, images
     for batch in loader:
+        if should_stop is not None and _anyone(should_stop(), device):
+            model.train(was_training)
+            return None
         images = batch["image"].to(device, non_blocking=True).to(dtype)
         labels = batch["label"].to(device, non_blocking=True)
         valid = batch.get("valid")
@@ -35,3 +51,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
     model.train(was_training)
     n = max(sums[3].item(), 1.0)
     return {"top1": sums[0].item() / n, "top5": sums[1].item() / n, "loss": sums[2].item() / n, "images": int(sums[3])}
+
+
+def _anyone(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is set on any rank (a collective when torch.distributed is initialised)."""
+    t = torch.tensor([float(flag)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

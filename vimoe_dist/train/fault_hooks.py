@@ -11,12 +11,13 @@ Each item is `action@step` with optional `:rank=R` (default: every rank) and `:b
 - `stop@S`: SIGSTOP this rank just before step S (a hung rank: it holds its sockets and never answers);
 - `kill_in_save@S`: SIGKILL this rank inside the save of step S, after its own state file is written and before
   DeepSpeed's files (a crash in the middle of a checkpoint);
+- `term_in_eval@S`: SIGTERM to this rank as the evaluation after step S starts (a preemption during evaluation);
 - `nan_router@S`: the router of block B outputs NaN logits during step S only (a transient overflow);
 - `poison_router@S`: the router weights of block B become NaN before step S (a corrupted update; stays);
 - `collapse@S`: from step S on, the router of block B sends every unit to expert 0 (expert collapse).
 
-`kill`, `stop` and `kill_in_save` fire once per run directory (a marker file records it), so a restarted job
-(torchrun `--max-restarts`, a requeue) runs on past the fault instead of meeting it again.
+`kill`, `stop`, `kill_in_save` and `term_in_eval` fire once per run directory (a marker file records it), so a
+restarted job (torchrun `--max-restarts`, a requeue) runs on past the fault instead of meeting it again.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from vimoe_dist.errors import UserError
 log = logging.getLogger("vimoe.train")
 
 ENV = "VIMOE_TEST_FAULTS"
-ACTIONS = ("kill", "stop", "kill_in_save", "nan_router", "poison_router", "collapse")
-ONCE = ("kill", "stop", "kill_in_save")
+ACTIONS = ("kill", "stop", "kill_in_save", "term_in_eval", "nan_router", "poison_router", "collapse")
+ONCE = ("kill", "stop", "kill_in_save", "term_in_eval")
 COLLAPSE_LOGIT = 1.0e4
 
 
@@ -84,7 +85,7 @@ def build_fault_hooks(run_dir: Path, rank: int, moe_blocks: dict) -> FaultHooks 
 
 class FaultHooks:
     """Fires the faults of one rank; `before_step(s)` runs before step s (1-based, as logged), `in_save(s)` inside
-    the save of step s."""
+    the save of step s, `before_eval(s)` as the evaluation after step s starts."""
 
     def __init__(self, faults: list[Fault], run_dir: Path, rank: int, moe_blocks: dict) -> None:
         self.faults, self.run_dir, self.rank, self.moe_blocks = faults, Path(run_dir), rank, moe_blocks
@@ -109,6 +110,11 @@ class FaultHooks:
                 log.warning("rank %d: test hook: router weights of MoE block %d set to NaN", self.rank, f.block)
             elif f.action in ("kill", "stop") and step == f.step:
                 self._fire_once(f, signal.SIGKILL if f.action == "kill" else signal.SIGSTOP)
+
+    def before_eval(self, step: int) -> None:
+        for f in self.faults:
+            if f.action == "term_in_eval" and step == f.step:
+                self._fire_once(f, signal.SIGTERM)
 
     def in_save(self, step: int) -> None:
         for f in self.faults:

@@ -15,7 +15,8 @@ Faults (tests/faults/ injects each one into real runs):
 - a dead or hung rank: collectives time out after `parallel.timeout_s` (every process group, DeepSpeed's expert
   groups included), the survivors name the missing ranks (train/peers.py) and exit 1; torchrun `--max-restarts` or a
   Slurm requeue restarts the job, which resumes;
-- SIGTERM / SIGUSR1: checkpoint at the next step boundary, exit 75 (train/signals.py);
+- SIGTERM / SIGUSR1: checkpoint at the next step boundary (or at once, from inside an evaluation), exit 75
+  (train/signals.py);
 - a non-finite loss: every rank skips the update; the log and a `nonfinite_loss` event name the step and the MoE
   block whose router went bad; weights with a NaN are never saved; `train.max_bad_steps` in a row stop the run;
 - a full or read-only checkpoint directory: one error naming it, the last good checkpoint kept;
@@ -102,10 +103,22 @@ def train(cfg: Config) -> int:
         def run_eval(step: int) -> dict | None:
             if val_loader is None:
                 return None
-            result = evaluate(engine, val_loader, device, dtype)
+            if hooks is not None:
+                hooks.before_eval(step)
+            result = evaluate(engine, val_loader, device, dtype, should_stop=lambda: stop.requested)
+            if result is None:  # a stop request during the evaluation: every rank left it at the same batch
+                raise _StopDuringEval(step)
             metrics.on_eval({"step": step, "eval_top1": result["top1"], "eval_top5": result["top5"],
                              "eval_loss": result["loss"], "images": result["images"]})  # fmt: skip
             return result
+
+        def checkpoint_and_requeue(step: int, during: str = "") -> int:
+            log.warning("rank %d: %s received%s, checkpointing at step %d and exiting for requeue", rank,
+                        stop.signal_name or "stop request from another rank", during, step)  # fmt: skip
+            save(step)
+            since = f" {stop.seconds_since():.1f} s after {stop.signal_name}" if stop.requested else ""
+            log.warning("rank %d: checkpoint of step %d done%s; exit code %d", rank, step, since, EXIT_REQUEUE)
+            return EXIT_REQUEUE
 
         # --- loop
         t = cfg.train
@@ -190,12 +203,7 @@ def train(cfg: Config) -> int:
                 loss_sum.zero_()
                 loss_count, images_seen, interval_t0 = 0, 0, time.perf_counter()
             if stop_now:
-                log.warning("rank %d: %s received, checkpointing at step %d and exiting for requeue", rank,
-                            stop.signal_name or "stop request from another rank", step)  # fmt: skip
-                save(step)
-                since = f" {stop.seconds_since():.1f} s after {stop.signal_name}" if stop.requested else ""
-                log.warning("rank %d: checkpoint of step %d done%s; exit code %d", rank, step, since, EXIT_REQUEUE)
-                return EXIT_REQUEUE
+                return checkpoint_and_requeue(step)
             if t.stop_at and step == t.stop_at and step < t.steps:
                 log.info("train.stop_at=%d reached: checkpointing and stopping; rerun the command to continue", step)
                 save(step)
@@ -214,6 +222,8 @@ def train(cfg: Config) -> int:
             log.info("final top-1 %.4f top-5 %.4f loss %.4f on %d images; run directory %s",
                      result["top1"], result["top5"], result["loss"], result["images"], run_dir)  # fmt: skip
         return 0
+    except _StopDuringEval as e:
+        return checkpoint_and_requeue(e.step, " during the evaluation")
     except RuntimeError as e:
         if not is_collective_failure(e):
             raise
@@ -324,6 +334,14 @@ def resume(engine, cfg: Config, where: tuple[Path, str], rank: int, world: int) 
     return step, rank_state or {}
 
 
+class _StopDuringEval(Exception):
+    """A preemption request arrived during an evaluation after `step`: checkpoint that step and exit for requeue."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.step = step
+
+
 def placeholder_batch(cfg: Config, world: int) -> dict:
     """A batch of zeros of the right shape for a rank whose data loader just failed.
 
@@ -351,10 +369,10 @@ def build_criterion(cfg: Config):
     return torch.nn.CrossEntropyLoss()
 
 
-def evaluate(engine, val_loader, device, dtype) -> dict:
+def evaluate(engine, val_loader, device, dtype, should_stop=None) -> dict | None:
     from vimoe_dist.train.evaluate import evaluate as _evaluate
 
-    return _evaluate(engine.module, val_loader, device, dtype)
+    return _evaluate(engine.module, val_loader, device, dtype, should_stop=should_stop)
 
 
 def seed_everything(seed: int) -> None:
