@@ -119,9 +119,9 @@ _workers: weakref.WeakSet = weakref.WeakSet()  # every worker process our loader
 class _DataLoader(DataLoader):
     """torch's DataLoader, remembering the worker processes of each iterator it creates (for `_reap_workers`)."""
 
-    def _get_iterator(self):
-        iterator = super()._get_iterator()
-        _workers.update(getattr(iterator, "_workers", ()))
+    def __iter__(self):
+        iterator = super().__iter__()
+        _workers.update(getattr(iterator, "_workers", ()))  # none with num_workers=0
         return iterator
 
 
