@@ -26,7 +26,6 @@ import atexit
 import logging
 import multiprocessing.util  # noqa: F401  (its exit hook must be registered before ours, see _reap_workers)
 import signal
-import threading
 import weakref
 from collections.abc import Iterator
 
@@ -138,9 +137,9 @@ def _reap_workers() -> None:
     alive = [w for w in list(_workers) if w.is_alive()]
     if not alive:
         return
-    # torch's SIGCHLD handler would raise "DataLoader worker (pid N) is killed" for each worker we kill
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # torch's SIGCHLD handler would raise "DataLoader worker (pid N) is killed" for each worker we kill (atexit hooks
+    # run in the main thread, where signal handlers may be set)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for w in alive:
         w.kill()
     for w in alive:
