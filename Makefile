@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not dist and not system"
+	$(BIN)/python -m pytest -m "not slow and not multiproc and not system"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -9,7 +9,7 @@ from conftest import STEPS, assert_same_weights, final_weights
 
 from vimoe_dist.train.checkpoint import latest_tag, single_device_state_dict
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 
 def test_kill_9_during_save_keeps_the_previous_checkpoint(jobs, reference, tmp_path):

@@ -18,7 +18,7 @@ from conftest import assert_no_rank_traceback, assert_same_weights, final_weight
 
 from vimoe_dist.train.checkpoint import latest_tag, single_device_state_dict
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 
 def _mount(*args: str) -> None:

@@ -15,7 +15,7 @@ from datetime import datetime
 import pytest
 from conftest import assert_same_weights, final_weights
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 TIMEOUT_S = 10
 

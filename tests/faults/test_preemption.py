@@ -15,7 +15,7 @@ from conftest import STEPS, assert_same_weights, final_weights
 
 from vimoe_dist.train.checkpoint import latest_tag
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 TORCHRUN_GRACE_S = 30  # torchrun sends SIGKILL this long after its SIGTERM
 

@@ -20,7 +20,7 @@ from conftest import assert_same_weights
 
 from vimoe_dist.train.checkpoint import latest_tag, single_device_state_dict
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 
 def _events(out, name: str) -> list[dict]:

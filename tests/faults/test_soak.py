@@ -8,7 +8,7 @@ import argparse
 
 import pytest
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 STEPS = 400
 LIMIT_MIB_PER_1K = 16.0  # a leak of 16 KiB per step; the short window is noisier than the full soak's 8

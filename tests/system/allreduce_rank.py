@@ -1,5 +1,5 @@
 """A tiny rank for exercising launchers and Slurm without the trainer: it resolves its place with
-`vimoe_dist.dist.env.resolve_env`, joins a gloo group, all-reduces its rank every step and counts steps in a
+`vimoe_dist.parallel.env.resolve_env`, joins a gloo group, all-reduces its rank every step and counts steps in a
 "checkpoint" file. On SIGUSR1 or SIGTERM it finishes the step, saves the count on rank 0 after a barrier and exits
 75, the trainer's contract, so the sbatch template's requeue path can be tested in seconds.
 
@@ -31,7 +31,7 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
-    from vimoe_dist.dist.env import export_env, resolve_env
+    from vimoe_dist.parallel.env import export_env, resolve_env
 
     env = resolve_env()
     export_env(env)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.dist]
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[2] / "launcher" / "dev" / "slurm-cluster.sh"
 

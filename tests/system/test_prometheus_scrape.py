@@ -409,7 +409,7 @@ def _trainer_missing() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.dist
+@pytest.mark.multiproc
 def test_prometheus_scrapes_a_two_rank_training_run(binaries, processes, tmp_path):
     missing = _trainer_missing()
     if missing:

@@ -32,7 +32,7 @@ def _drive(cases: list[dict]) -> list[dict]:
     import importlib
 
     # imported before forking, so that no child pays for them
-    for name in ("torch", "timm", "deepspeed", "vimoe_dist.model", "vimoe_dist.dist.init", "vimoe_dist.metrics",
+    for name in ("torch", "timm", "deepspeed", "vimoe_dist.model", "vimoe_dist.parallel.init", "vimoe_dist.metrics",
                  "vimoe_dist.train.loop", "vimoe_dist.data", "vimoe_dist.launch.cli"):  # fmt: skip
         importlib.import_module(name)
     import torch

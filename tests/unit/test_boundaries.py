@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 MODEL = Path(__file__).parents[2] / "vimoe_dist" / "model"
-FORBIDDEN = ("torch.distributed", "deepspeed", "webdataset", "prometheus_client", "fairscale", "vimoe_dist.dist")
+FORBIDDEN = ("torch.distributed", "deepspeed", "webdataset", "prometheus_client", "fairscale", "vimoe_dist.parallel")
 
 
 def imported_modules(path: Path) -> list[str]:
@@ -27,4 +27,6 @@ def test_model_imports_no_distributed_code(path):
 
 
 def test_the_check_sees_imports():
-    assert "torch.distributed" in imported_modules(Path(__file__).parents[2] / "vimoe_dist" / "dist" / "alltoall.py")
+    assert "torch.distributed" in imported_modules(
+        Path(__file__).parents[2] / "vimoe_dist" / "parallel" / "alltoall.py"
+    )

@@ -9,8 +9,8 @@ import socket
 
 import pytest
 
-from vimoe_dist.dist.env import DistEnv, export_env, resolve_env, slurm_master_port
 from vimoe_dist.errors import UserError
+from vimoe_dist.parallel.env import DistEnv, export_env, resolve_env, slurm_master_port
 
 TORCHRUN = {
     "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",

@@ -17,7 +17,7 @@ def init_ranks(cfg: Config) -> tuple[int, int]:
     import torch
     import torch.distributed as dist
 
-    from vimoe_dist.dist.env import resolve_env
+    from vimoe_dist.parallel.env import resolve_env
 
     env = resolve_env()
     if not env.is_distributed:

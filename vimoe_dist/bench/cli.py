@@ -40,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from vimoe_dist.data.bench import run_data_bench
+    from vimoe_dist.bench.data import run_data_bench
 
     run_data_bench(args.out, quick=args.quick)
     return 0

@@ -76,7 +76,7 @@ def ep_scaling(args: argparse.Namespace) -> list[dict]:
 def _worker(out: str, args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    from vimoe_dist.dist.init import init_distributed
+    from vimoe_dist.parallel.init import init_distributed
     from vimoe_dist.train.loop import build_criterion, build_engine
 
     engines, per_rank = {}, args.batch // 2

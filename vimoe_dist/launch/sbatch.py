@@ -3,7 +3,7 @@
 The template holds the job's logic (rendezvous, srun, requeue on exit 75); this module fills in the `#SBATCH`
 directives, the environment and the rank command. One task per GPU (`--ntasks-per-node` defaults to the GPUs per
 node; on CPU-only clusters it alone sets the ranks), `srun` starts the ranks, each rank resolves its place from the
-`SLURM_*` variables (`vimoe_dist.dist.env`).
+`SLURM_*` variables (`vimoe_dist.parallel.env`).
 
 Preemption: `--signal=USR1@grace` asks Slurm to signal every task of the job's steps `grace` seconds before the
 time limit. Without `B:`, so the ranks get the signal themselves: with `B:` only the batch shell would, and bash

@@ -1,5 +1,5 @@
 """Single-device ViMoE: timm ViT + MoE FFNs. Imports torch and timm only - never torch.distributed, deepspeed,
-webdataset or prometheus_client; parallelism is applied from outside (`vimoe_dist.dist`)."""
+webdataset or prometheus_client; parallelism is applied from outside (`vimoe_dist.parallel`)."""
 
 from vimoe_dist.model.build import (
     aux_loss,

@@ -49,8 +49,8 @@ log = logging.getLogger("vimoe.train")
 def train(cfg: Config) -> int:
     from vimoe_dist.data import build_train_loader, build_val_loader
     from vimoe_dist.data.loader import resolve_split
-    from vimoe_dist.dist.init import init_distributed
     from vimoe_dist.metrics import build_metrics
+    from vimoe_dist.parallel.init import init_distributed
     from vimoe_dist.train import checkpoint
     from vimoe_dist.train.fault_hooks import build_fault_hooks
     from vimoe_dist.train.peers import describe_failure, is_collective_failure
@@ -242,9 +242,9 @@ def build_engine(cfg: Config, world: int, run_dir: Path | None = None):
     wrap in the DeepSpeed engine with our optimizer and schedule. Returns (engine, optimizer, scheduler)."""
     import deepspeed
 
-    from vimoe_dist.dist.ds_config import build_ds_config
-    from vimoe_dist.dist.parallelize import parallelize
     from vimoe_dist.model import build_model
+    from vimoe_dist.parallel.ds_config import build_ds_config
+    from vimoe_dist.parallel.parallelize import parallelize
     from vimoe_dist.train.optim import build_optimizer, build_scheduler
 
     seed_everything(cfg.run.seed)

@@ -1,7 +1,7 @@
 """The dispatcher seam: how rows already sorted by expert reach their experts and come back.
 
 The MoE layer calls `dispatcher(x_XD, counts_E, experts) -> y_XD` (X rows in expert-major order, counts_E rows per
-global expert). Locally that is a call of the bank; `vimoe_dist.dist` swaps in an all-to-all dispatcher after
+global expert). Locally that is a call of the bank; `vimoe_dist.parallel` swaps in an all-to-all dispatcher after
 construction (torchtitan swaps token dispatchers the same way; vmoe separates routing from dispatch), so the model
 never learns how many ranks there are.
 """

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("layout_worker.py")
 ROUTERS = ["tc-softmax", "ec-softmax", "soft"]

@@ -63,7 +63,7 @@ def reference(digits):
     return global_batches(make_cfg(digits, 0), 1)
 
 
-@pytest.mark.dist
+@pytest.mark.multiproc
 @pytest.mark.slow
 @pytest.mark.parametrize(("world", "workers"), LAYOUTS[1:])
 def test_global_batches_do_not_depend_on_ranks_or_workers(digits, reference, world, workers):

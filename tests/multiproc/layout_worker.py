@@ -2,7 +2,7 @@
 
 Feeds the same global batches from memory (rank r takes its slice) through the trainer's own `build_engine` and
 records the global mean loss of every step and this rank's expert parameter count.
-Usage: torchrun --nproc-per-node N tests/dist/layout_worker.py OUT.json EP_SIZE ROUTER [ROUTER ...]
+Usage: torchrun --nproc-per-node N tests/multiproc/layout_worker.py OUT.json EP_SIZE ROUTER [ROUTER ...]
 """
 
 import json
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from vimoe_dist.config import load_config
-from vimoe_dist.dist.init import init_distributed
+from vimoe_dist.parallel.init import init_distributed
 from vimoe_dist.train.loop import build_criterion, build_engine
 
 ROUTERS = {

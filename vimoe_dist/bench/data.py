@@ -224,7 +224,7 @@ def run_data_bench(out: str | os.PathLike | None = "bench/results/data.json", qu
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`vimoe bench data [--quick] [--out FILE]` and `python bench/bench_data.py ...`."""
+    """`vimoe bench data [--quick] [--out FILE]`."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="vimoe bench data", description=__doc__.splitlines()[0])

@@ -15,7 +15,7 @@ import torch
 from vimoe_dist.cli import main
 from vimoe_dist.config import load_config, save_config
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import os
 import torch
 
 from vimoe_dist.config import Config
-from vimoe_dist.dist.env import DistEnv, export_env, resolve_env
+from vimoe_dist.parallel.env import DistEnv, export_env, resolve_env
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from support import TINY_RUN
 
 from vimoe_dist.train.checkpoint import latest_tag, single_device_state_dict
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:

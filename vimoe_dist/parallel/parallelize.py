@@ -23,9 +23,9 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.utils import groups
 from torch import nn
 
-from vimoe_dist.dist.alltoall import AllToAllDispatcher
 from vimoe_dist.model.moe.experts import GroupedExperts
 from vimoe_dist.model.moe.layer import MoEFFN
+from vimoe_dist.parallel.alltoall import AllToAllDispatcher
 
 EXPERT_PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 PER_EXPERT_KEY = "deepspeed_experts"

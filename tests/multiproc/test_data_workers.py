@@ -41,7 +41,7 @@ def make_cfg(digits, *extra):
     )
 
 
-@pytest.mark.dist
+@pytest.mark.multiproc
 @pytest.mark.parametrize("world", [2, 4])
 def test_val_every_sample_exactly_once_on_ranks_x_two_workers(digits, world):
     cfg = make_cfg(digits)
@@ -72,7 +72,7 @@ def digit_shard(digits):
     return where
 
 
-@pytest.mark.dist
+@pytest.mark.multiproc
 def test_train_stream_with_workers(digits):
     cfg = make_cfg(digits)
     where = digit_shard(digits)
@@ -106,7 +106,7 @@ print("exiting", flush=True)
 """
 
 
-@pytest.mark.dist
+@pytest.mark.multiproc
 def test_interpreter_exits_with_loader_workers_alive(digits):
     """Workers ignore SIGTERM (preemption is the rank's business), so multiprocessing's exit hook cannot end them;
     ours must, or every process that still holds a loader at exit hangs forever."""
