@@ -9,6 +9,7 @@ import os
 import sys
 
 from vimoe_dist import __version__
+from vimoe_dist.caches import ensure_writable_caches
 from vimoe_dist.errors import UserError
 
 # modules with `register(subparsers)`; importing them must stay cheap (no torch at import time)
@@ -58,6 +59,7 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    ensure_writable_caches()  # before anything imports torch, DeepSpeed or matplotlib
     parser = build_parser()
     args = parser.parse_args(strip_local_rank(sys.argv[1:] if argv is None else argv))
     try:
