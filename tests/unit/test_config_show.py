@@ -137,3 +137,15 @@ def test_config_list_names_every_shipped_config(capsys):
     code, out, _ = run(["config", "list"], capsys)
     assert code == 0
     assert [line.split()[0] for line in out.splitlines()] == list(shipped_configs())
+
+
+@pytest.mark.parametrize("spec", ["digits", "configs/digits.yaml"])
+def test_slurm_scripts_name_the_config_so_the_ranks_find_it(spec, tmp_path, monkeypatch, capsys):
+    """A file goes to the ranks as an absolute path, a shipped name as the name (resolved where the ranks run)."""
+    monkeypatch.chdir(REPO if spec.startswith("configs/") else tmp_path)
+    code, out, err = run(
+        ["launch", "slurm", "--print", "--nodes", "1", "--gpus-per-node", "2", "--config", spec], capsys
+    )
+    assert code == 0, err
+    want = str((REPO / "configs" / "digits.yaml").resolve()) if spec.startswith("configs/") else "digits"
+    assert re.search(rf"-m vimoe_dist train --config {re.escape(want)}$", out, re.M), out
