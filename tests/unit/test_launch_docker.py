@@ -166,6 +166,7 @@ def test_deepspeed_ops_are_compiled_for_cuda():
     assert "8.0" in arch and "9.0" in arch  # Ampere and Hopper
 
 
+@pytest.mark.slow  # imports DeepSpeed in a subprocess
 def test_the_ops_check_fails_on_a_deepspeed_built_without_cuda():
     """This machine's DeepSpeed was installed without a GPU: exactly what the image build must refuse."""
     result = subprocess.run(

@@ -91,6 +91,7 @@ def test_makefile_installs_everything_with_the_constraints():
     assert "CONSTRAINTS := constraints.txt" in (REPO / "Makefile").read_text()
 
 
+@pytest.mark.slow  # the reference package imports DeepSpeed
 def test_fairscale_missing_is_one_line_saying_how_to_install_it(monkeypatch):
     from vimoe_dist.model import build_moe
 
