@@ -1,20 +1,21 @@
-# `make demo` and `make test` set up .venv themselves (torch from this machine's disk, then the project).
-PY      ?= python3
-VENV    ?= .venv
-BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed
-TORCH   ?= torch==2.14.1 torchvision==0.29.1
+# `make demo` and `make test` set up .venv themselves: pip, torch, then the project with its extras, every package at
+# the tested version of constraints.txt (the same pins docker/Dockerfile installs).
+PY          ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
 # DeepSpeed JIT-builds a CPU communication op on first use; a cache per venv keeps two checkouts from rebuilding it
 # for each other (a rank waiting on a rebuild can miss the rendezvous)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-fast lint format bench constraints clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --upgrade pip
+	$(BIN)/pip install -q -c $(CONSTRAINTS) torch torchvision
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev,fairscale]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -38,6 +39,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m vimoe_dist bench all
+
+# after a change of dependencies in pyproject.toml: install them into .venv, run the tests, then pin what passed
+constraints: $(STAMP)
+	$(BIN)/python tools/constraints.py > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

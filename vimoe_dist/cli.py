@@ -9,11 +9,13 @@ import os
 import sys
 
 from vimoe_dist import __version__
+from vimoe_dist.caches import ensure_writable_caches
 from vimoe_dist.errors import UserError
 
 # modules with `register(subparsers)`; importing them must stay cheap (no torch at import time)
 COMMAND_MODULES = (
     "vimoe_dist.commands",
+    "vimoe_dist.config_cli",
     "vimoe_dist.train.cli",
     "vimoe_dist.data.cli",
     "vimoe_dist.launch.cli",
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """`--config FILE` and trailing `key=value` overrides, the same for every command that takes a config."""
-    parser.add_argument("--config", required=required, metavar="FILE", help="YAML config (configs/*.yaml)")
+    parser.add_argument("--config", required=required, metavar="FILE", help="YAML file or a shipped name")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dot-list overrides, e.g. train.steps=10")
 
 
@@ -57,6 +59,7 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    ensure_writable_caches()  # before anything imports torch, DeepSpeed or matplotlib
     parser = build_parser()
     args = parser.parse_args(strip_local_rank(sys.argv[1:] if argv is None else argv))
     try:

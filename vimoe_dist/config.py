@@ -1,6 +1,7 @@
 """The configuration schema: dataclasses, YAML loading, dot-list overrides and validation.
 
-One YAML file holds a run; `configs/*.yaml` may start with `base: other.yaml` to overlay another file. Overrides on
+One YAML file holds a run, given as a path or as the name of a shipped config (`digits`, `vimoe_s14_imagenet`: see
+vimoe_dist/resources.py); `configs/*.yaml` may start with `base: other.yaml` to overlay another file. Overrides on
 the command line use the same dotted paths (`model.moe.num_experts=16`); their values are parsed as YAML scalars.
 Every bad key or value raises `ConfigError`, a one-line `ValueError` that names the key and the value.
 """
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from vimoe_dist.errors import UserError
+from vimoe_dist.resources import find_config
 
 
 class ConfigError(UserError, ValueError):
@@ -155,10 +157,10 @@ class Config:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Reads a YAML file (following `base:` overlays), applies `key=value` overrides, validates."""
+    """Reads a YAML file or shipped config (following `base:` overlays), applies `key=value` overrides, validates."""
     raw: dict = {}
     if path is not None:
-        raw = _read_yaml_with_bases(Path(path), seen=())
+        raw = _read_yaml_with_bases(find_config(path), seen=())
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)

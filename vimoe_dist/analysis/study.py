@@ -81,7 +81,7 @@ def run_study(args: argparse.Namespace) -> int:
     from vimoe_dist.config import load_config
 
     L_values = parse_L(args.L)
-    config = str(Path(args.config).resolve())
+    config = str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config  # or a shipped name
     cfg = load_config(config, list(args.overrides))  # a typo fails here, not in the first run
     depth = _depth(cfg)
     if depth is not None and L_values[-1] > depth:

@@ -228,7 +228,9 @@ def _slurm(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or os.getcwd()).resolve()
     log_dir = Path(args.log_dir) if args.log_dir else Path(cfg.run.out_dir) / "slurm"
     log_dir = log_dir if log_dir.is_absolute() else workdir / log_dir
-    config = str(Path(args.config).resolve())
+    # a file goes to the ranks as an absolute path; a shipped config's name as the name, which the ranks resolve in
+    # their own environment (a container's, under --python "apptainer exec ...")
+    config = str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config
     job = SlurmJob(
         command=train_argv(args.python, config, args.overrides),
         nodes=args.nodes,

@@ -12,12 +12,18 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from fairscale.nn.moe import MOELayer, Top2Gate
 from timm.layers import Mlp
 from torch import nn
 
-from vimoe_dist.config import MoEConfig
+from vimoe_dist.config import ConfigError, MoEConfig
 from vimoe_dist.reference.common import ReferenceMoEFFN
+
+try:  # an optional extra: this layer is a comparison baseline, and fairscale (2022) ships as source only
+    from fairscale.nn.moe import MOELayer, Top2Gate
+except ImportError:
+    raise ConfigError(
+        "model.moe.impl: 'fairscale' needs the fairscale package: pip install 'vimoe-dist[fairscale]'"
+    ) from None
 
 
 def _ensure_process_group() -> None:
