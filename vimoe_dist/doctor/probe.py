@@ -92,10 +92,25 @@ def deepspeed_facts() -> dict:
 
 
 def jit_build_dir(name: str) -> Path:
-    """Where torch's cpp_extension keeps (and looks for) the JIT build of `name` (TORCH_EXTENSIONS_DIR honoured)."""
-    from torch.utils.cpp_extension import _get_build_directory
+    """Where torch's cpp_extension keeps (and looks for) the JIT build of `name`: TORCH_EXTENSIONS_DIR, else the
+    default root plus a python/accelerator folder, as `torch.utils.cpp_extension._get_build_directory` computes it
+    (that function also creates the folder, which a check must not do)."""
+    import sys
 
-    return Path(_get_build_directory(name, verbose=False))
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        if torch.version.hip is not None:
+            accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+        elif torch.version.cuda is not None:
+            accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+        else:
+            accelerator = "cpu"
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{python}_{accelerator}")
+    return Path(root) / name
 
 
 def _jit_built(name: str) -> bool:
