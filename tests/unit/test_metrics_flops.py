@@ -52,6 +52,12 @@ def test_sparse_datasheet_figures_are_halved():
     assert lookup_peak("NVIDIA A100-SXM4-80GB").tf32 == 156
 
 
+def test_a_mig_slice_needs_its_peak_given():
+    assert lookup_peak("NVIDIA A100-SXM4-40GB MIG 3g.20gb") is None
+    with pytest.raises(UserError, match=r"MIG 1g\.10gb"):
+        peak_flops("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bf16")
+
+
 def test_v100_has_fp16_but_no_bf16():
     assert peak_flops("Tesla V100-SXM2-32GB", "fp16") == 125e12
     assert peak_flops("Tesla V100-PCIE-16GB", "fp16") == 112e12

@@ -211,7 +211,8 @@ def _table(write, title: str, rows: list[dict]) -> None:
     columns = list(rows[0])
     cells = [[_fmt(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    write(f"\n{title}")
+    write("")
+    write(title)
     write("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
         write("  ".join(v.ljust(w) for v, w in zip(row, widths)))

@@ -96,7 +96,10 @@ PEAKS: tuple[tuple[str, DevicePeak], ...] = tuple(
 
 
 def lookup_peak(device_name: str) -> DevicePeak | None:
-    """The table's entry for a device name as torch reports it (e.g. "NVIDIA H100 80GB HBM3"), or None."""
+    """The table's entry for a device name as torch reports it (e.g. "NVIDIA H100 80GB HBM3"), or None. A MIG
+    slice ("NVIDIA A100-SXM4-40GB MIG 3g.20gb") has a fraction of its GPU's peak: None, so it must be given."""
+    if re.search(r"\bMIG\b", device_name):
+        return None
     for pattern, peak in PEAKS:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
             return peak
