@@ -48,15 +48,16 @@ def run_doctor(cfg: Config | None, options: DoctorOptions, write=print) -> tuple
     ds_probe = Subprocess(["-m", PROBE, "deepspeed"], DEEPSPEED_PROBE_TIMEOUT_S)
     checks = {}
     try:
-        torch_facts, torch_why = torch_probe.result()
-        if options.gpu_bench and not (torch_facts and torch_facts["cuda_available"]):
-            why = _no_gpu_reason(torch_facts, torch_why)
-            raise UserError(f"--gpu-bench needs a CUDA GPU and torch sees none here ({why})")
+        # while the probes import torch and DeepSpeed: the checks that need neither's answer
         for name, fn in (("python", software.check_python), ("infiniband", node.check_infiniband),
                          ("open_files", node.check_open_files)):  # fmt: skip
             checks[name] = bounded(name, fn, CHECK_TIMEOUT_S)
         if cfg is not None:
             checks["model"] = bounded("model", lambda: inputs.check_model(cfg), INPUT_TIMEOUT_S)
+        torch_facts, torch_why = torch_probe.result()
+        if options.gpu_bench and not (torch_facts and torch_facts["cuda_available"]):
+            why = _no_gpu_reason(torch_facts, torch_why)
+            raise UserError(f"--gpu-bench needs a CUDA GPU and torch sees none here ({why})")
         precision = cfg.parallel.precision if cfg is not None else None
         checks["torch"] = software.check_torch(torch_facts, torch_why)
         checks["cuda"] = software.check_cuda(torch_facts)
