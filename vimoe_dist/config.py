@@ -137,7 +137,7 @@ class WandbConfig:
     entity: str | None = None
     name: str | None = None  # the run's display name; None: the run directory's name
     group: str | None = None
-    tags: Any = ()  # a list of strings
+    tags: Any = field(default_factory=list)  # a list of strings
     mode: str | None = None  # offline | online | disabled; None: $WANDB_MODE, else online
 
 

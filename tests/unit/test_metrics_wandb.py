@@ -7,10 +7,12 @@ CRC-checked) and decodes each record with wandb's own protobuf schema (`wandb.pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import struct
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from vimoe_dist.errors import UserError
 from vimoe_dist.metrics import build_metrics
 
 pytest.importorskip("wandb", reason="the wandb extra: pip install 'vimoe-dist[wandb]'")
+from google.protobuf.message import DecodeError  # wandb's dependency, so present wherever wandb is
 
 BLOCK = 32768  # LevelDB log blocks
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -51,16 +54,30 @@ def records(path: Path):
             yield record
 
 
+def finished(path: Path, timeout: float = 60.0) -> list:
+    """The records of a run's `.wandb` file once W&B's core process has written its end (`run.finish()` can return
+    a moment before the core process has flushed the file)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(AssertionError, DecodeError):  # not yet written, or written up to a torn record
+            found = list(records(path))
+            if any(r.WhichOneof("record_type") == "exit" for r in found):
+                return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path}: no exit record after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 def history(path: Path) -> list[dict]:
     rows = []
-    for r in records(path):
+    for r in finished(path):
         if r.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item})
     return rows
 
 
 def run_record(path: Path):
-    (run,) = [r.run for r in records(path) if r.WhichOneof("record_type") == "run"]
+    (run,) = [r.run for r in finished(path) if r.WhichOneof("record_type") == "run"]
     return run
 
 
