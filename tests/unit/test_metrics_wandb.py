@@ -21,6 +21,7 @@ import pytest
 from vimoe_dist.config import ConfigError, load_config
 from vimoe_dist.errors import UserError
 from vimoe_dist.metrics import build_metrics
+from vimoe_dist.metrics.build import check_trackers
 
 pytest.importorskip("wandb", reason="the wandb extra: pip install 'vimoe-dist[wandb]'")
 from google.protobuf.message import DecodeError  # wandb's dependency, so present wherever wandb is
@@ -180,3 +181,6 @@ def test_without_the_package_one_line_says_how_to_install_it(tmp_path, offline, 
     with pytest.raises(UserError, match=r"^metrics.wandb: needs the wandb package: pip install") as info:
         build(tmp_path, offline)
     assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    with pytest.raises(UserError, match=r"^metrics.wandb: needs the wandb package"):
+        check_trackers(load_config(None, offline))  # the same check, for launchers, before any rank starts

@@ -93,6 +93,7 @@ def _rank0_sinks(
     from vimoe_dist.metrics.wandb_sink import wandb_enabled
 
     m = cfg.metrics
+    check_trackers(cfg)  # before anything is written
     sinks.append(JsonlSink(run_dir, start_step))
     if cfg.train.progress:
         sinks.append(ProgressSink(total_steps, start_step, stream=stream))
@@ -109,6 +110,17 @@ def _rank0_sinks(
             raise
         except Exception as e:  # no network, no API key, a W&B outage: tracking never stops training
             log.warning("metrics.wandb: W&B did not start (%s); training goes on without it", one_line(e))
+
+
+def check_trackers(cfg: Config) -> None:
+    """Raises the one-line `UserError` for TensorBoard or W&B asked for without its package. Imports neither, so a
+    launcher or `vimoe config show` can run it before any rank starts; `build_metrics` runs it on rank 0."""
+    from vimoe_dist.metrics import tensorboard_sink, wandb_sink
+
+    if cfg.metrics.tensorboard:
+        tensorboard_sink.require_package()
+    if wandb_sink.wandb_enabled(cfg.metrics.wandb):
+        wandb_sink.require_package()
 
 
 def config_hash(cfg: Config) -> str:

@@ -27,6 +27,12 @@ FLUSH_SECONDS = 30  # how stale a live TensorBoard may be (the writer flushes in
 INSTALL_HINT = "pip install 'vimoe-dist[tensorboard]' (or pip install tensorboard)"
 
 
+def require_package() -> None:
+    """The one-line error for `metrics.tensorboard` without its package (imports nothing: a cheap pre-launch check)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError(f"metrics.tensorboard: needs the tensorboard package: {INSTALL_HINT}")
+
+
 class TensorBoardSink(TrackerSink):
     """TensorBoard event files of rank 0 in `run_dir/tb`.
 
@@ -43,8 +49,7 @@ class TensorBoardSink(TrackerSink):
 
     def __init__(self, run_dir: str | Path, start_step: int = 0, config: Mapping[str, Any] | None = None) -> None:
         super().__init__(start_step)
-        if importlib.util.find_spec("tensorboard") is None:
-            raise UserError(f"metrics.tensorboard: needs the tensorboard package: {INSTALL_HINT}")
+        require_package()
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(run_dir) / DIRNAME

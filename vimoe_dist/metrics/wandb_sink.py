@@ -45,6 +45,12 @@ INSTALL_HINT = "pip install 'vimoe-dist[wandb]' (or pip install wandb)"
 _RUN_ID = re.compile(r"[a-z0-9]{1,64}")
 
 
+def require_package() -> None:
+    """The one-line error for `metrics.wandb` without its package (imports nothing: a cheap pre-launch check)."""
+    if importlib.util.find_spec("wandb") is None:
+        raise UserError(f"metrics.wandb: needs the wandb package: {INSTALL_HINT}")
+
+
 def wandb_enabled(w: WandbConfig) -> bool:
     """W&B is on when a project or a mode other than `disabled` is set."""
     return w.mode != "disabled" and (w.project is not None or w.mode is not None)
@@ -71,8 +77,7 @@ class WandbSink(TrackerSink):
         self, w: WandbConfig, run_dir: str | Path, start_step: int = 0, config: Mapping[str, Any] | None = None
     ) -> None:
         super().__init__(start_step)
-        if importlib.util.find_spec("wandb") is None:
-            raise UserError(f"metrics.wandb: needs the wandb package: {INSTALL_HINT}")
+        require_package()
         import wandb
 
         self._wandb = wandb
