@@ -59,3 +59,21 @@ def test_a_bar_on_a_terminal_and_nothing_when_disabled():
     quiet = io.StringIO()
     assert list(track(range(5), "eval", stream=quiet, enabled=False)) == list(range(5))
     assert quiet.getvalue() == ""
+
+
+def test_analyze_routing_shows_its_progress(capsys):
+    import torch
+
+    from vimoe_dist.analysis.collect import run_routing
+    from vimoe_dist.config import load_config
+    from vimoe_dist.model import build_model
+
+    tiny = ["model.img_size=28", "model.num_classes=10", "model.moe.num_experts=4", "model.moe.group_size=2"]
+    cfg = load_config(None, [*tiny, "model.backbone_kwargs={embed_dim: 32, num_heads: 2, depth: 2}"])
+    model = build_model(cfg.model)
+    batches = [(torch.randn(4, 3, 28, 28), torch.zeros(4, dtype=torch.long)) for _ in range(3)]
+    run_routing(model, batches, 10, desc="analyze routing")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "analyze routing: starting, 3 batches" and lines[-1].startswith(
+        "analyze routing: 3/3 batches in"
+    )
