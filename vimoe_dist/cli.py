@@ -19,7 +19,7 @@ COMMAND_MODULES = (
     "vimoe_dist.train.cli",
     "vimoe_dist.data.cli",
     "vimoe_dist.launch.cli",
-    "vimoe_dist.metrics.commands",
+    "vimoe_dist.metrics.cli",
     "vimoe_dist.analysis.cli",
     "vimoe_dist.bench.cli",
     "vimoe_dist.doctor.cli",

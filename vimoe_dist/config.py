@@ -134,10 +134,22 @@ class DataConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str | None = None  # W&B is on when a project or a mode other than disabled is set
+    entity: str | None = None
+    name: str | None = None  # the run's display name; None: the run directory's name
+    group: str | None = None
+    tags: Any = field(default_factory=list)  # a list of strings
+    mode: str | None = None  # offline | online | disabled; None: $WANDB_MODE, else online
+
+
+@dataclass
 class MetricsConfig:
-    port: int = 0  # 0: no Prometheus endpoint; rank r serves on port + LOCAL_RANK
+    port: int = 0  # 0: no Prometheus endpoint; rank r serves on port + LOCAL_RANK (shipped configs: 19400)
     addr: str = "127.0.0.1"  # loopback by default: the endpoint is unauthenticated
-    port_search: bool = False  # a taken port: try the next ones (logged) instead of failing
+    port_search: bool = True  # a taken port: one warning and the next free one (false: a one-line error)
+    tensorboard: bool = False  # rank 0 writes RUN/tb/ (needs the tensorboard package)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases, rank 0 (needs the wandb package)
     pushgateway: str | None = None  # http(s)://host:port or host:port; each rank pushes its final values at exit
     push_timeout_s: float = 10.0
     job: str = "vimoe"  # the `job` label of every series
@@ -419,6 +431,22 @@ def validate(cfg: Config) -> None:
     ):
         raise ConfigError(f"metrics.pushgateway: {gateway!r} is neither an http(s) URL nor host:port")
     _positive("metrics.push_timeout_s", cfg.metrics.push_timeout_s)
+    _validate_wandb(cfg.metrics.wandb)
+
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _validate_wandb(w: WandbConfig) -> None:
+    if w.mode is not None:
+        _choice("metrics.wandb.mode", w.mode, WANDB_MODES)
+    for key in ("project", "entity", "name", "group"):
+        value = getattr(w, key)
+        if value is not None and not value.strip():
+            raise ConfigError(f"metrics.wandb.{key}: must not be empty (leave it out instead)")
+    tags = w.tags
+    if isinstance(tags, str) or not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
+        raise ConfigError(f"metrics.wandb.tags: expected a list of strings, got {tags!r}")
 
 
 def check_layout(cfg: Config, world: int) -> None:

@@ -1,7 +1,8 @@
 """A real Prometheus server (Debian's `prometheus` package) scrapes vimoe ranks; a real Pushgateway receives pushes.
 
 Prometheus runs on loopback with the `vimoe` job of `launcher/monitoring/prometheus.yml` (scrape interval cut to
-1 s), the targets file written by `python -m vimoe_dist.metrics.targets` for one node with two local ranks, and the
+1 s), the targets files the ranks publish (`RUN_DIR/prometheus_targets.json`; for the trainer, which does not
+publish yet, the one `python -m vimoe_dist.metrics.targets` writes for one node with two local ranks), and the
 rules of `launcher/monitoring/alerts.yml`. The tests then ask Prometheus's HTTP API what it scraped:
 `vimoe_train_images_total` rising for both ranks, `vimoe_moe_tokens_total` for every layer and expert, every
 target up, every alert rule healthy, and every query of the Grafana dashboard valid.
@@ -43,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vimoe_dist.config import load_config
 from vimoe_dist.metrics import build_metrics
+from vimoe_dist.metrics.targets import publish_targets
 
 pytestmark = pytest.mark.system
 
@@ -215,19 +217,24 @@ def wait_until(predicate, timeout: float, what: str, proc: Process | None = None
 # ------------------------------------------------------------------------------------------- Prometheus
 
 
-def start_prometheus(binaries, start, tmp_path: Path, metrics_port: int, num_ranks: int) -> int:
-    """Prometheus with the `vimoe` job of launcher/monitoring/prometheus.yml over a targets file for one node."""
-    targets_dir = tmp_path / "targets"
+def slurm_targets_file(tmp_path: Path, metrics_port: int, num_ranks: int) -> Path:
+    """The targets a one-node Slurm allocation implies (`python -m vimoe_dist.metrics.targets`)."""
+    out = tmp_path / "targets" / "4242.json"
     env = {**os.environ, "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_TASKS_PER_NODE": str(num_ranks)}
     env["SLURM_JOB_ID"] = "4242"
     subprocess.run(
-        [sys.executable, "-m", "vimoe_dist.metrics.targets", "--port", str(metrics_port), "--out",
-         str(targets_dir / "4242.json")], env=env, check=True, cwd=REPO,
+        [sys.executable, "-m", "vimoe_dist.metrics.targets", "--port", str(metrics_port), "--out", str(out)],
+        env=env, check=True, cwd=REPO,
     )  # fmt: skip
+    return out
+
+
+def start_prometheus(binaries, start, tmp_path: Path, target_files: list[Path]) -> int:
+    """Prometheus with the `vimoe` job of launcher/monitoring/prometheus.yml over the given targets files."""
     example = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     (job,) = [j for j in example["scrape_configs"] if j["job_name"] == "vimoe"]
     job.update(scrape_interval="1s", scrape_timeout="1s")
-    job["file_sd_configs"][0]["files"] = [str(targets_dir / "*.json")]
+    job["file_sd_configs"][0]["files"] = [str(f) for f in target_files]
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(MONITORING / "alerts.yml")],
@@ -350,7 +357,9 @@ def test_prometheus_scrapes_two_exporters_and_the_dashboard_queries_run(binaries
     try:
         for t in loops:
             t.start()
-        prom = start_prometheus(binaries, processes, tmp_path, port, num_ranks=2)
+        # each exporter publishes its endpoint as rank 0 of a job does, into its own RUN_DIR/prometheus_targets.json
+        files = [publish_targets(m.prometheus.endpoint(), 0, tmp_path / f"run{r}") for r, m in enumerate(ranks)]
+        prom = start_prometheus(binaries, processes, tmp_path, files)
         wait_until(lambda: images_rising(prom, job, range(2), min_samples=4), 60, "4 scrapes of both ranks")
         time.sleep(2)  # let the alert rules evaluate on data
         check_scraped(prom, job, range(2), layers, num_experts)
@@ -422,7 +431,7 @@ def test_prometheus_scrapes_a_two_rank_training_run(binaries, processes, tmp_pat
 
     job, port = "vimoe-digits", free_ports(2)
     gateway = start_pushgateway(binaries, processes, tmp_path)
-    prom = start_prometheus(binaries, processes, tmp_path, port, num_ranks=2)
+    prom = start_prometheus(binaries, processes, tmp_path, [slurm_targets_file(tmp_path, port, num_ranks=2)])
     overrides = [
         f"metrics.port={port}", f"metrics.job={job}", f"metrics.pushgateway=http://127.0.0.1:{gateway}",
         f"run.out_dir={tmp_path / 'run'}", f"data.train={json.dumps(train_shards)}",

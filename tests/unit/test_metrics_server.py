@@ -70,8 +70,8 @@ def test_port_clash_is_a_clear_error_naming_the_port(tmp_path):
     port = free_port_block(2)
     with listener(port + 1):
         with pytest.raises(UserError, match=rf"port {port + 1} .*already in use.*metrics.port_search"):
-            make(tmp_path, port, 1)  # local rank 1 wants port + 1
-        ok = make(tmp_path, port, 0)  # local rank 0's port is free
+            make(tmp_path, port, 1, "metrics.port_search=false")  # local rank 1 wants port + 1
+        ok = make(tmp_path, port, 0, "metrics.port_search=false")  # local rank 0's port is free
         assert ok.port == port
         ok.close()
 
@@ -79,7 +79,7 @@ def test_port_clash_is_a_clear_error_naming_the_port(tmp_path):
 def test_port_clash_message_is_one_line(tmp_path):
     port = free_port_block(1)
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(f"metrics:\n  port: {port}\ntrain:\n  progress: false\n")
+    cfg_file.write_text(f"metrics:\n  port: {port}\n  port_search: false\ntrain:\n  progress: false\n")
     with listener(port):
         cfg = load_config(cfg_file)
         with pytest.raises(UserError) as info:
@@ -88,16 +88,17 @@ def test_port_clash_message_is_one_line(tmp_path):
     assert "\n" not in message and str(port) in message
 
 
-def test_port_search_takes_the_next_free_port_and_logs_it(tmp_path, caplog):
+def test_a_taken_port_is_one_warning_and_the_next_free_port_by_default(tmp_path, caplog):
     port = free_port_block(3)
     with listener(port), caplog.at_level(logging.WARNING):
-        metrics = make(tmp_path, port, 0, "metrics.port_search=true")
+        metrics = make(tmp_path, port, 0)
         try:
             assert metrics.port == port + 1
             assert get(metrics.port)[0] == 200
         finally:
             metrics.close()
-    assert any(f"port {port + 1} instead" in r.getMessage() for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"port {port + 1} instead" in warnings[0], warnings
 
 
 def test_port_zero_opens_no_port(tmp_path):

@@ -139,7 +139,7 @@ def _analyze_routing(args: argparse.Namespace) -> int:
     cfg, rank, world, device, model = _prepare(args)
     if not moe_layers(model):
         raise UserError(f"model.moe.layers={cfg.model.moe.layers!r}: the model has no MoE layer to analyse")
-    result = run_routing(model, build_val_loader(cfg, rank, world), cfg.model.num_classes, device)
+    result = run_routing(model, build_val_loader(cfg, rank, world), cfg.model.num_classes, device, "analyze routing")
     if rank != 0:
         return 0
     rec_cfg = RecommendConfig(args.min_specialisation, args.min_dependence, args.chance_margin)

@@ -40,9 +40,13 @@ def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
 
 @torch.no_grad()
 def run_routing(
-    model: nn.Module, batches: Iterable, num_classes: int, device: torch.device | str = "cpu"
+    model: nn.Module, batches: Iterable, num_classes: int, device: torch.device | str = "cpu", desc: str | None = None
 ) -> RoutingPass:
-    """Runs `batches` through `model` in eval mode, recording every MoE layer's routing."""
+    """Runs `batches` through `model` in eval mode, recording every MoE layer's routing; with `desc`, rank 0 shows
+    progress under that name."""
+    import torch.distributed as dist
+
+    from vimoe_dist.metrics.progress import track
     from vimoe_dist.model import moe_layers
 
     layers = moe_layers(model)
@@ -60,7 +64,8 @@ def run_routing(
     try:
         for layer in layers.values():
             layer.record_routing = True
-        for batch in batches:
+        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        for batch in track(batches, desc, enabled=rank0) if desc else batches:
             x, labels, valid = unpack_batch(batch)
             out = model(x.to(device))
             logits = out[0] if isinstance(out, (tuple, list)) else out

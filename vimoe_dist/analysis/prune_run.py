@@ -44,12 +44,12 @@ def prune_checkpoint(
             "shared" if any(getattr(m, "shared", None) is not None for m in moe_layers(model).values()) else "average"
         )
     params_before = sum(p.numel() for p in model.parameters())
-    before = run_routing(model, build_val_loader(cfg, rank, world), cfg.model.num_classes, device)
+    before = run_routing(model, build_val_loader(cfg, rank, world), cfg.model.num_classes, device, "prune: before")
     gates = {
         block: layer.mass_E / max(float(layer.tokens_C.sum()), 1.0) for block, layer in before.routing.layers.items()
     }
     pruned = prune_model(model, keep, mode, gates)
-    after = run_routing(model, build_val_loader(cfg, rank, world), cfg.model.num_classes, device)
+    after = run_routing(model, build_val_loader(cfg, rank, world), cfg.model.num_classes, device, "prune: after")
     out = Path(out_dir).resolve()
     report = {
         "source": str(Path(source).resolve()) if source is not None else None,

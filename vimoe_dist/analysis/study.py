@@ -92,8 +92,12 @@ def run_study(args: argparse.Namespace) -> int:
     commands = [[*shlex.split(args.launch), *train_args(config, list(args.overrides), p, out)] for p in points]
     if args.slurm:
         return _submit_array(args, points, commands, out)
+    from vimoe_dist.metrics.progress import track
+
     failed = []
-    for point, cmd in zip(points, commands):
+    # plain lines even on a terminal: the runs draw their own progress on it
+    progress = {"total": len(points), "unit": "point", "bar": False, "every_s": 0, "enabled": not args.dry_run}
+    for point, cmd in track(zip(points, commands), "study", **progress):
         if (out / point.name / "eval.json").is_file():
             print(f"study: {point.name} done already ({out / point.name / 'eval.json'})", flush=True)
             continue

@@ -1,19 +1,31 @@
-"""Training metrics: `metrics.jsonl` and a progress bar on rank 0, Prometheus series on every rank, plots.
+"""Training metrics: `metrics.jsonl` and a progress bar on rank 0, TensorBoard and Weights & Biases on rank 0 when
+asked, Prometheus series on every rank, plots.
 
-The trainer passes plain Python numbers; nothing here imports torch. The API it calls:
+The trainer passes plain Python numbers; nothing here imports torch (TensorBoard's writer does, when it is on). The
+API it calls:
 
     from vimoe_dist.metrics import build_metrics
 
     metrics = build_metrics(cfg, rank=rank, local_rank=local_rank, world_size=world_size, run_dir=run_dir,
                             total_steps=cfg.train.steps, start_step=start_step)
+    metrics.publish_targets()                 # collective, once the process group exists: every rank's host:port
+                                              # into RUN_DIR/prometheus_targets.json (nothing when metrics.port is 0)
     metrics.load_state_dict(saved)           # on resume: counter totals from the checkpoint (never decrease)
     for step in ...:
         metrics.on_step(step, images=n, step_seconds=t, data_wait_seconds=w, alltoall_seconds=a)  # every step
         metrics.on_log(record)                # every train.log_every steps
         metrics.on_eval(record)               # after an evaluation
+        if metrics.accepts_images:            # TensorBoard or W&B is on (rank 0): draw only then
+            metrics.on_image("routing/block_10", figure_or_png_or_array, step)
         metrics.on_checkpoint(step, seconds)  # after a checkpoint; store metrics.state_dict() in it
         metrics.on_event("expert_collapse", step=step, layer=10)  # a warning
-    metrics.close()                           # push to the Pushgateway if configured, stop the server, close files
+    metrics.close()                           # push to the Pushgateway if configured, stop the server, close files,
+                                              # finish the W&B run, empty the targets file
+
+Tracking never stops training: a sink that fails (a full disk under TensorBoard, W&B gone) logs one warning and is
+closed; a full disk under `metrics.jsonl` is one warning, no torn line, and writing resumes when space comes back.
+TensorBoard (`metrics.tensorboard: true`, `RUN/tb/`) and W&B (`metrics.wandb: {project, mode, ...}`) show the same
+names (`tracking.py`); their packages are optional extras (`pip install 'vimoe-dist[tensorboard]'`, `[wandb]`).
 
 `on_step` is the hot path: it adds to a few floats and one histogram bucket, with no I/O, no lock and no collective.
 Its `images` are the images this rank consumed in the step; `step_seconds` its wall time; `data_wait_seconds` the
@@ -33,11 +45,13 @@ Checkpoints: `state_dict()` is this rank's counter totals. Every rank has its ow
 whole list to `load_state_dict`, once, before the first step of the resumed run.
 
 Prometheus: rank r serves `http://metrics.addr:(metrics.port + LOCAL_RANK)/metrics` (`metrics.port: 0` opens no
-port). The address defaults to 127.0.0.1 because the endpoint has no authentication: an operator who wants
+port; the shipped ImageNet configs use 19400, outside 9100-9999 where the exporters of a GPU node live: dcgm 9400,
+node 9100). The address defaults to 127.0.0.1 because the endpoint has no authentication: an operator who wants
 Prometheus on another host to scrape the nodes sets `metrics.addr=0.0.0.0` (or the node's cluster address) on a
-network they trust. The endpoint answers only `/metrics`, and only with the series below. A taken port is a
-`UserError` naming it; with `metrics.port_search: true` the next free port is used and logged. Series, each with
-labels `job` (`metrics.job`) and `rank`:
+network they trust, and rank 0 logs one warning saying so. The endpoint answers only `/metrics`, and only with the
+series below. A taken port is one warning and the next free port is used (`metrics.port_search: false` makes it a
+`UserError` naming it); `RUN_DIR/prometheus_targets.json` lists the ports actually bound (`targets.py`). Series,
+each with labels `job` (`metrics.job`) and `rank`:
 
     vimoe_build_info{version, config_hash, world_size, ep_size, backbone, router}
     vimoe_train_steps_total, vimoe_train_images_total, vimoe_train_step, vimoe_train_steps_target,
@@ -51,7 +65,8 @@ labels `job` (`metrics.job`) and `rank`:
     vimoe_process_resident_memory_bytes, vimoe_process_peak_resident_memory_bytes
 
 `launcher/monitoring/` holds a Grafana dashboard over these series and a Prometheus scrape config for a Slurm job
-(one target per rank). `vimoe plot RUN_DIR` draws the curves of a run from its `metrics.jsonl`.
+(one target per rank). `vimoe plot RUN_DIR` draws the curves of a run from its `metrics.jsonl`; `vimoe metrics
+targets` prints a run's targets file. `progress.track` shows the progress of other long loops (eval, analysis).
 """
 
 from __future__ import annotations

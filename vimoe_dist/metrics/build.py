@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from vimoe_dist import __version__
-from vimoe_dist.metrics.base import Metrics, MetricsSink
+from vimoe_dist.errors import UserError
+from vimoe_dist.metrics.base import Metrics, MetricsSink, one_line
+from vimoe_dist.metrics.server import is_loopback
 
 if TYPE_CHECKING:
     from vimoe_dist.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def build_metrics(
@@ -24,8 +30,10 @@ def build_metrics(
     start_step: int = 0,
     stream: TextIO | None = None,
 ) -> Metrics:
-    """The sinks of one rank: rank 0 writes `run_dir/metrics.jsonl` and shows progress (`train.progress`); every
-    rank keeps the Prometheus series and serves them on `metrics.addr:metrics.port + local_rank` (port 0: none).
+    """The sinks of one rank: rank 0 writes `run_dir/metrics.jsonl`, shows progress (`train.progress`) and, when
+    asked, writes TensorBoard (`metrics.tensorboard`) and W&B (`metrics.wandb`); every rank keeps the Prometheus
+    series and serves them on `metrics.addr:metrics.port + local_rank` (port 0: none; a taken port: the next free
+    one, with a warning, unless `metrics.port_search` is false).
 
     Args:
         cfg: the validated run config.
@@ -36,7 +44,9 @@ def build_metrics(
         stream: where the progress goes (stderr by default).
 
     Raises:
-        UserError: the port is taken (without `metrics.port_search`) or `metrics.addr` cannot be bound.
+        UserError: the port is taken (with `metrics.port_search: false`), `metrics.addr` cannot be bound, the run
+            directory cannot be written, or TensorBoard / W&B is asked for without its package. W&B failing to
+            start (no network, no API key) is a warning, not an error.
     """
     from vimoe_dist.metrics.exporter import TrainingCollector
     from vimoe_dist.metrics.prometheus import PrometheusSink
@@ -56,19 +66,61 @@ def build_metrics(
         pushgateway=m.pushgateway, push_timeout_s=m.push_timeout_s,
     )  # fmt: skip
     sinks: list[MetricsSink] = []
-    if rank == 0:
-        from vimoe_dist.metrics.jsonl import JsonlSink
-        from vimoe_dist.metrics.progress import ProgressSink
+    try:
+        if rank == 0:
+            _rank0_sinks(cfg, Path(run_dir), total_steps, start_step, stream, sinks)
+    except BaseException:
+        for sink in (*sinks, prometheus):
+            with contextlib.suppress(Exception):
+                sink.close()
+        raise
+    if rank == 0 and m.port and not is_loopback(m.addr):
+        log.warning(
+            "metrics.addr %s: the /metrics endpoints have no authentication; anyone who can reach this host can read "
+            "them (use it on a network you trust, or metrics.addr=127.0.0.1)", m.addr,
+        )  # fmt: skip
+    sinks.append(prometheus)
+    return Metrics(sinks, prometheus, rank, run_dir)
+
+
+def _rank0_sinks(
+    cfg: Config, run_dir: Path, total_steps: int, start_step: int, stream: TextIO | None, sinks: list[MetricsSink]
+) -> None:
+    """metrics.jsonl, the progress, TensorBoard and W&B, appended to `sinks` as they start."""
+    from vimoe_dist.config import to_dict
+    from vimoe_dist.metrics.jsonl import JsonlSink
+    from vimoe_dist.metrics.progress import ProgressSink
+    from vimoe_dist.metrics.wandb_sink import wandb_enabled
+
+    m = cfg.metrics
+    check_trackers(cfg)  # before anything is written
+    sinks.append(JsonlSink(run_dir, start_step))
+    if cfg.train.progress:
+        sinks.append(ProgressSink(total_steps, start_step, stream=stream))
+    if m.tensorboard:
+        from vimoe_dist.metrics.tensorboard_sink import TensorBoardSink
+
+        sinks.append(TensorBoardSink(run_dir, start_step, to_dict(cfg)))
+    if wandb_enabled(m.wandb):
+        from vimoe_dist.metrics.wandb_sink import WandbSink
 
         try:
-            sinks.append(JsonlSink(Path(run_dir), start_step))
-        except BaseException:
-            prometheus.close()
+            sinks.append(WandbSink(m.wandb, run_dir, start_step, to_dict(cfg)))
+        except UserError:
             raise
-        if cfg.train.progress:
-            sinks.append(ProgressSink(total_steps, start_step, stream=stream))
-    sinks.append(prometheus)
-    return Metrics(sinks, prometheus, rank)
+        except Exception as e:  # no network, no API key, a W&B outage: tracking never stops training
+            log.warning("metrics.wandb: W&B did not start (%s); training goes on without it", one_line(e))
+
+
+def check_trackers(cfg: Config) -> None:
+    """Raises the one-line `UserError` for TensorBoard or W&B asked for without its package. Imports neither, so a
+    launcher or `vimoe config show` can run it before any rank starts; `build_metrics` runs it on rank 0."""
+    from vimoe_dist.metrics import tensorboard_sink, wandb_sink
+
+    if cfg.metrics.tensorboard:
+        tensorboard_sink.require_package()
+    if wandb_sink.wandb_enabled(cfg.metrics.wandb):
+        wandb_sink.require_package()
 
 
 def config_hash(cfg: Config) -> str:

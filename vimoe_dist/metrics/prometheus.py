@@ -77,6 +77,13 @@ class PrometheusSink:
     def on_event(self, name: str, **fields: Any) -> None:
         self.collector.on_event(name)
 
+    def on_image(self, tag: str, image: Any, step: int) -> None:
+        pass
+
+    def endpoint(self) -> tuple[str, int] | None:
+        """(address bound, port bound) of the endpoint, or None when none is open."""
+        return (self.server.addr, self.server.port) if self.server else None
+
     def state_dict(self) -> dict:
         return self.collector.state_dict()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import socket
 import socketserver
@@ -123,6 +124,16 @@ def start_metrics_server(
             log.warning("%s: %s:%d is in use; serving metrics on port %d instead", what, addr, port, candidate)
         return MetricsServer(server, addr, candidate)
     raise UserError(f"{what}: no free port in {addr}:{port}-{min(port + tries, 65536) - 1} (metrics.port_search)")
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether `addr` (an IP address or `localhost`) only accepts connections from this host."""
+    if addr.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(addr.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def _bind(addr: str, port: int, handler: type) -> _Server:
