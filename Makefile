@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) --upgrade pip
 	$(BIN)/pip install -q -c $(CONSTRAINTS) torch torchvision
-	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev,fairscale]'
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev,fairscale,tensorboard,wandb]'
 	touch $(STAMP)
 
 demo: $(STAMP)
