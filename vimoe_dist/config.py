@@ -1,8 +1,18 @@
 """The configuration schema: dataclasses, YAML loading, dot-list overrides and validation.
 
-One YAML file holds a run; `configs/*.yaml` may start with `base: other.yaml` to overlay another file. Overrides on
-the command line use the same dotted paths (`model.moe.num_experts=16`); their values are parsed as YAML scalars.
-Every bad key or value raises `ConfigError`, a one-line `ValueError` that names the key and the value.
+One YAML file holds a run; `configs/*.yaml` may start with `base: other.yaml` to overlay another file (a path
+relative to the including file). Overrides on the command line use the same dotted paths (`model.moe.num_experts=16`);
+their values are parsed as YAML scalars. Every bad key or value raises `ConfigError`, a one-line `ValueError` that
+names the key and the value (shortened: a value is never printed whole).
+
+Hostile input is refused before anything runs. YAML, from a file or an override, is capped in size
+(MAX_YAML_BYTES), in values once aliases are expanded (MAX_YAML_NODES: an alias bomb is a few hundred bytes) and in
+nesting (MAX_YAML_DEPTH), checked on the parser's events before any object is built; floats such as `1e-3`, which
+YAML 1.1 reads as strings, are numbers. String keys hold no control characters and at most MAX_STRING_CHARS.
+
+Every numeric key has a row in BOUNDS, `"section.key": Bound(low, high, low_open=..., high_open=...)`, checked for
+each element of a list key; floats must be finite too. A new numeric key needs a new row (a test lists the keys
+without one; until then the key only has to fit in an int64). Checks across keys stay in `validate`.
 """
 
 from __future__ import annotations
@@ -195,7 +205,7 @@ def _first_line(e: BaseException) -> str:
 # ------------------------------------------------------------------------------------------- YAML reading
 
 MAX_YAML_BYTES = 256 * 1024  # one config file or one override; the shipped configs are under 2 KiB
-MAX_YAML_NODES = 20_000  # values and collections, aliases counted at their expanded size
+MAX_YAML_NODES = 10_000  # values and collections, aliases counted at their expanded size
 MAX_YAML_DEPTH = 32  # nested collections (the schema needs 4; backbone_kwargs a few more)
 MAX_BASE_CHAIN = 16  # files in one chain of `base:` overlays
 
@@ -223,8 +233,10 @@ def _load_yaml(text: str | bytes, what: str) -> Any:
     loader = _ConfigLoader(text)
     try:
         return loader.get_single_data()
-    except (yaml.YAMLError, ValueError, OverflowError) as e:  # ValueError: an integer beyond Python's digit limit
+    except yaml.YAMLError as e:
         raise ConfigError(f"{what} is not valid YAML: {_yaml_reason(e)}") from None
+    except (ValueError, OverflowError) as e:  # an integer beyond Python's digit limit, a date like 2024-13-01
+        raise ConfigError(f"{what}: cannot read a value ({_first_line(e)})") from None
     finally:
         loader.dispose()
 
@@ -330,7 +342,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
         if child is None:
             child = node[part] = {}
         elif not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+            raise ConfigError(f"override {_show(key)}: {_show(part)} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -385,6 +397,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             try:
                 return _coerce(arg, value, key)
             except ConfigError as e:
+                if arg in (str, float) and isinstance(value, str if arg is str else (int, float)):
+                    raise  # the right type, out of range or too long: that message says more than the type's name
                 errors.append(e)
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
     if origin is tuple:
@@ -577,7 +591,7 @@ def _check_bounds(obj: Any, prefix: str = "") -> None:
 
 def _choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        raise ConfigError(f"{key}: {_show(value)} is not one of {', '.join(map(str, choices))}")
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -627,7 +641,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.drop_path: must be in [0, 1), got {m.drop_path!r}")
     _positive("model.moe.num_experts", moe.num_experts)
     if moe.router not in ROUTER_NAMES:
-        raise ConfigError(f"model.moe.router: unknown router {moe.router!r}; known: {', '.join(ROUTER_NAMES)}")
+        raise ConfigError(f"model.moe.router: unknown router {_show(moe.router)}; known: {', '.join(ROUTER_NAMES)}")
     _positive("model.moe.top_k", moe.top_k)
     if moe.top_k > moe.num_experts:
         raise ConfigError(f"model.moe.top_k: {moe.top_k} is more than model.moe.num_experts={moe.num_experts}")
@@ -683,7 +697,7 @@ def validate(cfg: Config) -> None:
     if gateway is not None and (
         not gateway.strip() or ("://" in gateway and not gateway.startswith(("http://", "https://")))
     ):
-        raise ConfigError(f"metrics.pushgateway: {gateway!r} is neither an http(s) URL nor host:port")
+        raise ConfigError(f"metrics.pushgateway: {_show(gateway)} is neither an http(s) URL nor host:port")
     _positive("metrics.push_timeout_s", cfg.metrics.push_timeout_s)
 
 
@@ -710,8 +724,8 @@ def parse_layers(layers: Any, depth: int | None) -> list[int]:
     """`last-L` or a list of block indices -> sorted block indices; checked against `depth` when given."""
     key = "model.moe.layers"
     if isinstance(layers, str):
-        if not layers.startswith("last-") or not layers[5:].isdigit():
-            raise ConfigError(f"{key}: {layers!r} is neither 'last-L' nor a list of block indices")
+        if not re.fullmatch(r"last-[0-9]{1,6}", layers):  # ASCII digits: str.isdigit() also takes '²'
+            raise ConfigError(f"{key}: {_show(layers)} is neither 'last-L' nor a list of block indices")
         num = int(layers[5:])
         if depth is None:
             return []
@@ -721,9 +735,9 @@ def parse_layers(layers: Any, depth: int | None) -> list[int]:
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
     if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise ConfigError(f"{key}: {layers!r} is neither 'last-L' nor a list of block indices")
+        raise ConfigError(f"{key}: {_show(layers)} is neither 'last-L' nor a list of block indices")
     if len(set(layers)) != len(layers):
-        raise ConfigError(f"{key}: {list(layers)!r} names a block twice")
+        raise ConfigError(f"{key}: {_show(list(layers))} names a block twice")
     if depth is not None:
         bad = [i for i in layers if not -depth <= i < depth]
         if bad:
