@@ -227,6 +227,11 @@ _ConfigLoader.add_implicit_resolver(
 def _load_yaml(text: str | bytes, what: str) -> Any:
     """Parses one YAML document after checking its size, expanded size and depth (an alias bomb or deep nesting is
     refused from the parser's events, before any object is built)."""
+    if isinstance(text, str):  # what libyaml reads; a command-line argument may hold undecodable bytes
+        try:
+            text = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(f"{what}: not UTF-8 text (character {e.start + 1} is {_show(text[e.start])})") from None
     if len(text) > MAX_YAML_BYTES:
         raise ConfigError(f"{what}: larger than {MAX_YAML_BYTES // 1024} KiB")
     _check_yaml_shape(text, what)
@@ -241,7 +246,7 @@ def _load_yaml(text: str | bytes, what: str) -> Any:
         loader.dispose()
 
 
-def _check_yaml_shape(text: str | bytes, what: str) -> None:
+def _check_yaml_shape(text: bytes, what: str) -> None:
     """Counts nodes with every alias expanded (the billion-laughs bomb is a few hundred bytes of aliases) and the
     nesting depth (the composer recurses per level) over the parser's event stream, which holds nothing deep."""
     total = 0
@@ -281,25 +286,31 @@ def _yaml_reason(e: BaseException) -> str:
     return _first_line(e)
 
 
+def _show_path(path: Path) -> str:
+    """A file name in a message: whole (the user has to find the file), unless it is absurdly long."""
+    text = str(path)
+    return repr(text) if len(text) <= 1000 else _show(text)
+
+
 def _read_config_file(path: Path) -> bytes:
     """The file's bytes, at most MAX_YAML_BYTES; a FIFO or device is refused without blocking on it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise ConfigError(f"config file {_show(str(path))} does not exist") from None
+        raise ConfigError(f"config file {_show_path(path)} does not exist") from None
     except (OSError, ValueError) as e:  # ValueError: a NUL in the name
-        raise ConfigError(f"config file {_show(str(path))}: {getattr(e, 'strerror', None) or e}") from None
+        raise ConfigError(f"config file {_show_path(path)}: {getattr(e, 'strerror', None) or e}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"config file {_show(str(path))} is not a regular file")
+            raise ConfigError(f"config file {_show_path(path)} is not a regular file")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_YAML_BYTES + 1)
     except OSError as e:
-        raise ConfigError(f"config file {_show(str(path))}: {e.strerror or e}") from None
+        raise ConfigError(f"config file {_show_path(path)}: {e.strerror or e}") from None
     finally:
         os.close(fd)
     if len(data) > MAX_YAML_BYTES:
-        raise ConfigError(f"config file {_show(str(path))}: larger than {MAX_YAML_BYTES // 1024} KiB")
+        raise ConfigError(f"config file {_show_path(path)}: larger than {MAX_YAML_BYTES // 1024} KiB")
     return data
 
 
@@ -307,20 +318,20 @@ def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
     """The file's mapping over its `base:` file's (a path relative to the including file's directory, or absolute;
     `..` is allowed: the router overlays in configs/routers/ use it)."""
     if len(seen) >= MAX_BASE_CHAIN:
-        raise ConfigError(f"config file {_show(str(path))}: more than {MAX_BASE_CHAIN} files chained through 'base'")
+        raise ConfigError(f"config file {_show_path(path)}: more than {MAX_BASE_CHAIN} files chained through 'base'")
     text = _read_config_file(path)
     if path.resolve() in seen:
-        raise ConfigError(f"config file {_show(str(path))} includes itself through 'base'")
-    data = _load_yaml(text, f"config file {_show(str(path))}")
+        raise ConfigError(f"config file {_show_path(path)} includes itself through 'base'")
+    data = _load_yaml(text, f"config file {_show_path(path)}")
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {_show(str(path))} must hold a mapping, not {type(data).__name__}")
+        raise ConfigError(f"config file {_show_path(path)} must hold a mapping, not {type(data).__name__}")
     if "base" not in data:
         return data
     base = data.pop("base")
     if not isinstance(base, str) or not base.strip() or _CONTROL.search(base):
-        raise ConfigError(f"config file {_show(str(path))}: base: {_show(base)} is not a file name")
+        raise ConfigError(f"config file {_show_path(path)}: base: {_show(base)} is not a file name")
     merged = _read_yaml_with_bases(path.parent / base, (*seen, path.resolve()))
     _deep_update(merged, data)
     return merged

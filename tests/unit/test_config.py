@@ -355,3 +355,32 @@ def test_odd_keys_and_big_values_give_short_messages(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.steps=[" + ", ".join(["123456789"] * 5000) + "]"])
     assert str(e.value).startswith("train.steps: expected an integer") and len(str(e.value)) < 300
+
+
+def test_the_caps_hold_without_libyaml():
+    """PyYAML built without libyaml falls back to its pure-Python parser, whose composer recurses per level."""
+    import subprocess
+    import sys
+
+    code = f"""
+import yaml
+del yaml.CSafeLoader  # as in a PyYAML built without libyaml
+from vimoe_dist.config import ConfigError, _ConfigLoader, load_config
+assert _ConfigLoader.__mro__[1] is yaml.SafeLoader
+assert load_config(None, ["train.lr=1e-3"]).train.lr == 0.001
+for override, needle in [
+    ({f"train.steps={_bomb(9)}"!r}, "aliases are expanded"),
+    ("data.train=" + "[" * 5000 + "]" * 5000, "nested deeper than 32"),
+    ("data.train=" + "{{a: " * 3000 + "1" + "}}" * 3000, "nested deeper than 32"),
+    ("data.train=&r [*r]", "contains it"),
+]:
+    try:
+        load_config(None, [override])
+    except ConfigError as e:
+        assert needle in str(e), str(e)
+    else:
+        raise AssertionError(override)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

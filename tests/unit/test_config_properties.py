@@ -285,6 +285,7 @@ HOSTILE = {
     "long string": "x" * 100_000,
     "newline": '"a\\nb"',
     "NUL": '"a\\0b"',
+    "undecodable byte": "a\udcffb",  # from the command line (surrogateescape) or a file that is not UTF-8
     "wide list": "[" + ", ".join(["1"] * 2_000) + "]",
 }
 
@@ -339,13 +340,14 @@ def _serve(tmp: str) -> None:
     import time
     import traceback
 
-    from vimoe_dist.cli import main
+    from vimoe_dist.cli import build_parser, main
 
+    build_parser()  # imports every command's module once: the 2 s are for the config, not for imports
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # an alias bomb of old fails, not the machine
     path = Path(tmp) / "hostile.yaml"
     for line in sys.stdin:
         request = json.loads(line)
-        path.write_text(request["yaml"])
+        path.write_text(request["yaml"], errors="surrogateescape")
         err = io.StringIO()
         t0 = time.perf_counter()
         try:
