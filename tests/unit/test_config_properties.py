@@ -431,6 +431,7 @@ hostile_values = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(sorted(LEAVES)), value=hostile_values, as_override=st.booleans())
 def test_hostile_values_through_the_cli(worker, key, value, as_override):
