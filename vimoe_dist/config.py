@@ -1,9 +1,19 @@
 """The configuration schema: dataclasses, YAML loading, dot-list overrides and validation.
 
 One YAML file holds a run, given as a path or as the name of a shipped config (`digits`, `vimoe_s14_imagenet`: see
-vimoe_dist/resources.py); `configs/*.yaml` may start with `base: other.yaml` to overlay another file. Overrides on
-the command line use the same dotted paths (`model.moe.num_experts=16`); their values are parsed as YAML scalars.
-Every bad key or value raises `ConfigError`, a one-line `ValueError` that names the key and the value.
+vimoe_dist/resources.py); `configs/*.yaml` may start with `base: other.yaml` to overlay another file (a path
+relative to the including file). Overrides on the command line use the same dotted paths
+(`model.moe.num_experts=16`); their values are parsed as YAML scalars. Every bad key or value raises `ConfigError`, a
+one-line `ValueError` that names the key and the value (shortened: a value is never printed whole).
+
+Hostile input is refused before anything runs. YAML, from a file or an override, is capped in size
+(MAX_YAML_BYTES), in values once aliases are expanded (MAX_YAML_NODES: an alias bomb is a few hundred bytes) and in
+nesting (MAX_YAML_DEPTH), checked on the parser's events before any object is built; floats such as `1e-3`, which
+YAML 1.1 reads as strings, are numbers. String keys hold no control characters and at most MAX_STRING_CHARS.
+
+Every numeric key has a row in BOUNDS, `"section.key": Bound(low, high, low_open=..., high_open=...)`, checked for
+each element of a list key; floats must be finite too. A new numeric key needs a new row (a test lists the keys
+without one; until then the key only has to fit in an int64). Checks across keys stay in `validate`.
 """
 
 from __future__ import annotations
@@ -11,6 +21,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import reprlib
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -182,38 +195,157 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", parsed value); values are YAML scalars or flow collections."""
+    """`a.b=value` -> ("a.b", parsed value); values are YAML scalars or flow collections, read under the same caps
+    as a config file."""
+    if len(item) > MAX_YAML_BYTES:
+        raise ConfigError(f"override {_show(item)}: longer than {MAX_YAML_BYTES // 1024} KiB")
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value")
+        raise ConfigError(f"override {_show(item)} is not of the form key=value")
     key, text = item.split("=", 1)
     key = key.strip()
     if not key or any(not part.isidentifier() for part in key.split(".")):
-        raise ConfigError(f"override {item!r}: {key!r} is not a dotted config key")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: cannot parse value {text!r} ({_first_line(e)})") from None
+        raise ConfigError(f"override {_show(item)}: {_show(key)} is not a dotted config key")
+    if key.count(".") >= MAX_YAML_DEPTH:
+        raise ConfigError(f"override {_show(key)}: nested deeper than {MAX_YAML_DEPTH} levels")
+    value = _load_yaml(text, f"override {key}") if text.strip() else None
     return key, value
 
 
 def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+# ------------------------------------------------------------------------------------------- YAML reading
+
+MAX_YAML_BYTES = 256 * 1024  # one config file or one override; the shipped configs are under 2 KiB
+MAX_YAML_NODES = 10_000  # values and collections, aliases counted at their expanded size
+MAX_YAML_DEPTH = 32  # nested collections (the schema needs 4; backbone_kwargs a few more)
+MAX_BASE_CHAIN = 16  # files in one chain of `base:` overlays
+
+_YAML_LOADER_BASE = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it
+
+
+class _ConfigLoader(_YAML_LOADER_BASE):
+    """PyYAML's safe loader (no tags that build Python objects), also reading YAML 1.2 floats written without a dot
+    or without an exponent sign (`1e-3`, `5E4`) as numbers: YAML 1.1, which PyYAML follows, makes them strings."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str | bytes, what: str) -> Any:
+    """Parses one YAML document after checking its size, expanded size and depth (an alias bomb or deep nesting is
+    refused from the parser's events, before any object is built)."""
+    if isinstance(text, str):  # what libyaml reads; a command-line argument may hold undecodable bytes
+        try:
+            text = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(f"{what}: not UTF-8 text (character {e.start + 1} is {_show(text[e.start])})") from None
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what}: larger than {MAX_YAML_BYTES // 1024} KiB")
+    _check_yaml_shape(text, what)
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_reason(e)}") from None
+    except (ValueError, OverflowError) as e:  # an integer beyond Python's digit limit, a date like 2024-13-01
+        raise ConfigError(f"{what}: cannot read a value ({_first_line(e)})") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_shape(text: bytes, what: str) -> None:
+    """Counts nodes with every alias expanded (the billion-laughs bomb is a few hundred bytes of aliases) and the
+    nesting depth (the composer recurses per level) over the parser's event stream, which holds nothing deep."""
+    total = 0
+    open_nodes: list[tuple[str | None, int]] = []  # (anchor, total before it) per collection not yet closed
+    sizes: dict[str, int] = {}  # anchor -> expanded size of its node
+    try:
+        for event in yaml.parse(text, Loader=_YAML_LOADER_BASE):
+            if isinstance(event, yaml.AliasEvent):
+                if any(anchor == event.anchor for anchor, _ in open_nodes):
+                    raise ConfigError(f"{what}: alias *{_show(event.anchor)} refers to a node that contains it")
+                total += sizes.get(event.anchor, 1)  # an undefined alias: the composer names it below
+            elif isinstance(event, yaml.ScalarEvent):
+                total += 1
+                if event.anchor is not None:
+                    sizes[event.anchor] = 1
+            elif isinstance(event, yaml.CollectionStartEvent):
+                open_nodes.append((event.anchor, total))
+                total += 1
+                if len(open_nodes) > MAX_YAML_DEPTH:
+                    raise ConfigError(f"{what}: nested deeper than {MAX_YAML_DEPTH} levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                anchor, before = open_nodes.pop()
+                if anchor is not None:
+                    sizes[anchor] = total - before
+            if total > MAX_YAML_NODES:
+                raise ConfigError(f"{what}: more than {MAX_YAML_NODES} values once its aliases are expanded")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_reason(e)}") from None
+
+
+def _yaml_reason(e: BaseException) -> str:
+    """What PyYAML found wrong and where, in one line (its message starts with the context, e.g. 'while parsing')."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return _first_line(ValueError(e.problem)) + where
+    return _first_line(e)
+
+
+def _show_path(path: Path) -> str:
+    """A file name in a message: whole (the user has to find the file), unless it is absurdly long."""
+    text = str(path)
+    return repr(text) if len(text) <= 1000 else _show(text)
+
+
+def _read_config_file(path: Path) -> bytes:
+    """The file's bytes, at most MAX_YAML_BYTES; a FIFO or device is refused without blocking on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {_show_path(path)} does not exist") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        raise ConfigError(f"config file {_show_path(path)}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"config file {_show_path(path)} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_YAML_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"config file {_show_path(path)}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"config file {_show_path(path)}: larger than {MAX_YAML_BYTES // 1024} KiB")
+    return data
 
 
 def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    """The file's mapping over its `base:` file's (a path relative to the including file's directory, or absolute;
+    `..` is allowed: the router overlays in configs/routers/ use it)."""
+    if len(seen) >= MAX_BASE_CHAIN:
+        raise ConfigError(f"config file {_show_path(path)}: more than {MAX_BASE_CHAIN} files chained through 'base'")
+    text = _read_config_file(path)
     if path.resolve() in seen:
-        raise ConfigError(f"config file {str(path)!r} includes itself through 'base'")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_first_line(e)}") from None
+        raise ConfigError(f"config file {_show_path(path)} includes itself through 'base'")
+    data = _load_yaml(text, f"config file {_show_path(path)}")
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
-    base = data.pop("base", None)
-    if base is None:
+        raise ConfigError(f"config file {_show_path(path)} must hold a mapping, not {type(data).__name__}")
+    if "base" not in data:
         return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base.strip() or _CONTROL.search(base):
+        raise ConfigError(f"config file {_show_path(path)}: base: {_show(base)} is not a file name")
     merged = _read_yaml_with_bases(path.parent / base, (*seen, path.resolve()))
     _deep_update(merged, data)
     return merged
@@ -235,7 +367,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
         if child is None:
             child = node[part] = {}
         elif not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+            raise ConfigError(f"override {_show(key)}: {_show(part)} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -246,16 +378,31 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a section (mapping), got {raw!r}")
+        raise ConfigError(f"{where}: expected a section (mapping), got {_show(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = [k for k in raw if k not in fields]
     if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known in {where}: {', '.join(sorted(fields))}")
+        first = min(unknown, key=repr)  # YAML keys may be numbers or null too, which do not sort with strings
+        name = first if isinstance(first, str) and len(first) <= 60 and not _CONTROL.search(first) else _show(first)
+        raise ConfigError(f"unknown config key '{prefix}{name}'; known in {where}: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name)
     return cls(**kwargs)
+
+
+MAX_STRING_CHARS = 4096  # a string key (a path at most: Linux's PATH_MAX)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # no string key needs one; a newline or NUL in a path is hostile
+
+_REPR = reprlib.Repr()  # values in messages: a few elements, levels and characters, always one short line
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
+def _show(value: Any) -> str:
+    """`repr(value)` cut short: an alias-expanded list or a long string must not make a huge error message."""
+    return _REPR.repr(value)
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -275,36 +422,45 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             try:
                 return _coerce(arg, value, key)
             except ConfigError as e:
+                if arg in (str, float) and isinstance(value, str if arg is str else (int, float)):
+                    raise  # the right type, out of range or too long: that message says more than the type's name
                 errors.append(e)
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {_show(value)}")
         return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if tp is dict or origin is dict:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key}: expected a number, got {_show(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(f"{key}: must be a finite number, got {_show(value)}") from None
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_show(value)}")
+        if len(value) > MAX_STRING_CHARS:
+            raise ConfigError(f"{key}: longer than {MAX_STRING_CHARS} characters ({_show(value)})")
+        if _CONTROL.search(value):
+            raise ConfigError(f"{key}: control characters (newline, NUL, ...) are not allowed, got {_show(value)}")
         return value
     raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - schema bug
 
@@ -327,9 +483,140 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_ORDERS = ("stream", "exact")
 
 
+MAX_SEED = 2**63 - 1  # what every RNG we seed accepts (torch.manual_seed: a 64-bit integer)
+MAX_STEPS = 10**9  # steps x images per step stay below 2**53: exact as float64 and as a JSON number
+MAX_BATCH = 2**20  # images per step; 16x the largest published ViT batch (ViT-22B: 65,536)
+MAX_RANKS = 2**20
+MAX_EXPERTS = 2**16
+MAX_ITERS = 10**4  # iterations of an iterative router (Sinkhorn, sparse OT) in every forward pass
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a collective timeout of a week is no timeout; datetime.timedelta overflows later
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed interval of a numeric key (of each element of a list key); None leaves that side unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: `low` itself is not allowed
+    high_open: bool = False
+
+    def holds(self, x: float) -> bool:
+        above = self.low is None or x > self.low or (x == self.low and not self.low_open)
+        below = self.high is None or x < self.high or (x == self.high and not self.high_open)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+# One row per numeric key (int, float, a list of them, or one of these or null), checked before anything runs; every
+# float must also be finite. A key without a row still has to fit in an int64 (a test asks for a row for every key).
+# Keys of model.backbone_kwargs (timm's own arguments) are checked when they are given.
+BOUNDS: dict[str, Bound] = {
+    "run.seed": Bound(0, MAX_SEED),
+    "train.steps": Bound(1, MAX_STEPS),
+    "train.global_batch_size": Bound(1, MAX_BATCH),
+    "train.grad_accum": Bound(1, MAX_BATCH),
+    "train.lr": Bound(0, low_open=True),
+    "train.min_lr": Bound(0),
+    "train.warmup_steps": Bound(0, MAX_STEPS),
+    "train.weight_decay": Bound(0),
+    "train.layer_decay": Bound(0, 1, low_open=True),
+    "train.betas": Bound(0, 1, high_open=True),  # AdamW's moment decay: 1 never forgets, > 1 diverges
+    "train.grad_clip": Bound(0),
+    "train.label_smoothing": Bound(0, 1, high_open=True),
+    "train.log_every": Bound(1, MAX_STEPS),
+    "train.eval_every": Bound(0, MAX_STEPS),
+    "train.checkpoint_every": Bound(0, MAX_STEPS),
+    "train.keep_checkpoints": Bound(1, MAX_STEPS),
+    "train.max_bad_steps": Bound(0, MAX_STEPS),
+    "train.stop_at": Bound(0, MAX_STEPS),
+    "parallel.ep_size": Bound(1, MAX_RANKS),
+    "parallel.zero_stage": Bound(0, 2),
+    "parallel.timeout_s": Bound(0, MAX_TIMEOUT_S, low_open=True),
+    "model.img_size": Bound(1, 2**14),
+    "model.in_chans": Bound(1, 2**12),  # hyperspectral images have a few hundred bands
+    "model.num_classes": Bound(1, 2**24),
+    "model.drop_path": Bound(0, 1, high_open=True),
+    "model.backbone_kwargs.depth": Bound(1, 2**10),
+    "model.backbone_kwargs.embed_dim": Bound(1, 2**16),
+    "model.backbone_kwargs.num_heads": Bound(1, 2**12),
+    "model.backbone_kwargs.mlp_ratio": Bound(0, 64, low_open=True),
+    "model.backbone_kwargs.patch_size": Bound(1, 2**14),
+    "model.moe.num_experts": Bound(1, MAX_EXPERTS),
+    "model.moe.top_k": Bound(1, MAX_EXPERTS),
+    # above num_experts / top_k nothing is dropped, so a larger factor changes nothing
+    "model.moe.capacity_factor": Bound(0, MAX_EXPERTS, low_open=True),
+    "model.moe.eval_capacity_factor": Bound(0, MAX_EXPERTS, low_open=True),
+    "model.moe.min_capacity": Bound(1, 2**31 - 1),  # the capacity is clamped to the group's units anyway
+    "model.moe.group_size": Bound(1, MAX_BATCH),
+    "model.moe.hidden_ratio": Bound(0, 64, low_open=True),
+    "model.moe.noise_std": Bound(0),
+    "model.moe.slots_per_expert": Bound(1, 2**16),
+    "model.moe.sinkhorn_iters": Bound(1, MAX_ITERS),
+    "model.moe.sparse_gamma": Bound(0, low_open=True),
+    "model.moe.sparse_iters": Bound(1, MAX_ITERS),
+    "model.moe.importance_loss": Bound(0),
+    "model.moe.load_loss": Bound(0),
+    "model.moe.switch_loss": Bound(0),
+    "model.moe.z_loss": Bound(0),
+    "data.num_workers": Bound(0, 256),
+    "data.prefetch": Bound(1, 1024),
+    "data.shuffle_buffer": Bound(0, 2**24),
+    "data.max_bad_fraction": Bound(0, 1),
+    "data.mean": Bound(0, 1),  # of pixel values in [0, 1] (timm's scale; 0-255 means like 123.7 are a mistake)
+    "data.std": Bound(0, 1, low_open=True),
+    "data.scale": Bound(0, 1, low_open=True),
+    "data.hflip": Bound(0, 1),
+    "data.mixup": Bound(0),
+    "data.cutmix": Bound(0),
+    "data.crop_pct": Bound(0, 1, low_open=True),
+    "data.color_jitter": Bound(0),
+    "metrics.port": Bound(0, 65535),
+    "metrics.push_timeout_s": Bound(0, 3600, low_open=True),
+}
+_INT64 = Bound(-(2**63), 2**63 - 1)
+
+
+def _is_numeric_type(tp: Any) -> bool:
+    """int, float, a tuple of them, or one of these or null (bool is not a number here)."""
+    if tp in (int, float):
+        return True
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (tuple, typing.Union, types.UnionType):
+        return bool(args) and all(_is_numeric_type(a) for a in args)
+    return False
+
+
+def _check_number(key: str, x: Any, bound: Bound) -> None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return
+    if (isinstance(x, float) and not math.isfinite(x)) or not bound.holds(x):
+        kind = "an integer" if isinstance(x, int) else "a finite number"
+        raise ConfigError(f"{key}: must be {kind} {bound}, got {_show(x)}")
+
+
+def _check_bounds(obj: Any, prefix: str = "") -> None:
+    """Every numeric key of the dataclass tree `obj` against its BOUNDS row (elements of a list one by one)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_bounds(value, key + ".")
+        elif _is_numeric_type(hints[f.name]):
+            bound = BOUNDS.get(key, _INT64)
+            for i, x in enumerate(value) if isinstance(value, tuple) else [(None, value)]:
+                _check_number(key if i is None else f"{key}[{i}]", x, bound)
+
+
 def _choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        raise ConfigError(f"{key}: {_show(value)} is not one of {', '.join(map(str, choices))}")
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -340,6 +627,11 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(cfg: Config) -> None:
     """Checks that need no model or world size; layer indices are checked against depth in build_model."""
     t, p, m, moe, d = cfg.train, cfg.parallel, cfg.model, cfg.model.moe, cfg.data
+    _check_bounds(cfg)
+    for name, value in m.backbone_kwargs.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"model.backbone_kwargs: {_show(name)} is not an argument name")
+        _check_number(f"model.backbone_kwargs.{name}", value, BOUNDS.get(f"model.backbone_kwargs.{name}", _INT64))
     _choice("run.resume", cfg.run.resume if cfg.run.resume in ("auto", "never") else "auto", ("auto", "never"))
     for key in ("steps", "global_batch_size", "grad_accum", "log_every"):
         _positive(f"train.{key}", getattr(t, key))
@@ -368,12 +660,13 @@ def validate(cfg: Config) -> None:
     _positive("model.num_classes", m.num_classes)
     for block, hidden in m.dense_ffn_hidden.items():
         if not isinstance(block, int) or isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise ConfigError(f"model.dense_ffn_hidden: {block!r}: {hidden!r} is not block index: hidden size")
+            raise ConfigError(f"model.dense_ffn_hidden: {block!r}: {_show(hidden)} is not block index: hidden size")
+        _check_number(f"model.dense_ffn_hidden.{block}", hidden, Bound(1, 2**20))
     if not 0 <= m.drop_path < 1:
         raise ConfigError(f"model.drop_path: must be in [0, 1), got {m.drop_path!r}")
     _positive("model.moe.num_experts", moe.num_experts)
     if moe.router not in ROUTER_NAMES:
-        raise ConfigError(f"model.moe.router: unknown router {moe.router!r}; known: {', '.join(ROUTER_NAMES)}")
+        raise ConfigError(f"model.moe.router: unknown router {_show(moe.router)}; known: {', '.join(ROUTER_NAMES)}")
     _positive("model.moe.top_k", moe.top_k)
     if moe.top_k > moe.num_experts:
         raise ConfigError(f"model.moe.top_k: {moe.top_k} is more than model.moe.num_experts={moe.num_experts}")
@@ -429,7 +722,7 @@ def validate(cfg: Config) -> None:
     if gateway is not None and (
         not gateway.strip() or ("://" in gateway and not gateway.startswith(("http://", "https://")))
     ):
-        raise ConfigError(f"metrics.pushgateway: {gateway!r} is neither an http(s) URL nor host:port")
+        raise ConfigError(f"metrics.pushgateway: {_show(gateway)} is neither an http(s) URL nor host:port")
     _positive("metrics.push_timeout_s", cfg.metrics.push_timeout_s)
     _validate_wandb(cfg.metrics.wandb)
 
@@ -446,7 +739,7 @@ def _validate_wandb(w: WandbConfig) -> None:
             raise ConfigError(f"metrics.wandb.{key}: must not be empty (leave it out instead)")
     tags = w.tags
     if isinstance(tags, str) or not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
-        raise ConfigError(f"metrics.wandb.tags: expected a list of strings, got {tags!r}")
+        raise ConfigError(f"metrics.wandb.tags: expected a list of strings, got {_show(tags)}")
 
 
 def check_layout(cfg: Config, world: int) -> None:
@@ -472,8 +765,8 @@ def parse_layers(layers: Any, depth: int | None) -> list[int]:
     """`last-L` or a list of block indices -> sorted block indices; checked against `depth` when given."""
     key = "model.moe.layers"
     if isinstance(layers, str):
-        if not layers.startswith("last-") or not layers[5:].isdigit():
-            raise ConfigError(f"{key}: {layers!r} is neither 'last-L' nor a list of block indices")
+        if not re.fullmatch(r"last-[0-9]{1,6}", layers):  # ASCII digits: str.isdigit() also takes '²'
+            raise ConfigError(f"{key}: {_show(layers)} is neither 'last-L' nor a list of block indices")
         num = int(layers[5:])
         if depth is None:
             return []
@@ -483,9 +776,9 @@ def parse_layers(layers: Any, depth: int | None) -> list[int]:
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
     if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise ConfigError(f"{key}: {layers!r} is neither 'last-L' nor a list of block indices")
+        raise ConfigError(f"{key}: {_show(layers)} is neither 'last-L' nor a list of block indices")
     if len(set(layers)) != len(layers):
-        raise ConfigError(f"{key}: {list(layers)!r} names a block twice")
+        raise ConfigError(f"{key}: {_show(list(layers))} names a block twice")
     if depth is not None:
         bad = [i for i in layers if not -depth <= i < depth]
         if bad:

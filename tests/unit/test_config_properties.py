@@ -2,7 +2,14 @@
 
 Config: a resolved config survives `config.yaml` and back unchanged; an override means the same as the nested YAML
 mapping; the last override of a key wins and distinct keys commute; any value for any key either loads or raises a
-one-line `ConfigError` naming that key (never another exception); unknown keys are named.
+one-line `ConfigError` naming that key (never another exception); unknown keys are named; a float written the way
+Python prints it (`1e-05`) is a number; every numeric key has a row in `BOUNDS`.
+
+Hostile values (NaN, infinities, negative, zero, huge, wrong types, deep nesting, alias bombs, long strings, control
+characters) for every key of the schema, enumerated from the dataclasses so that a new key is covered without a
+change here: `load_config` and `vimoe launch local --dry-run` accept them or refuse them in one line (`ConfigError`;
+exit 2), within 2 s, never a traceback. They run in a child interpreter (`_Worker`) so that a hang is reported as a
+failure, and the child killed, instead of hanging the test run.
 
 Hostlists: expansion matches an independent expansion of generated structures (prefixes, zero-padded ranges,
 several bracket groups, comma lists), a comma list expands to the concatenation of its items, the first host is
@@ -13,15 +20,31 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
+import os
+import select
+import subprocess
+import sys
+import types
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vimoe_dist.config import ROUTER_NAMES, Config, ConfigError, load_config, parse_override, save_config, to_dict
+from vimoe_dist.config import (
+    BOUNDS,
+    ROUTER_NAMES,
+    Config,
+    ConfigError,
+    load_config,
+    parse_override,
+    save_config,
+    to_dict,
+)
 from vimoe_dist.errors import UserError
 from vimoe_dist.launch.hostlist import expand_hostlist, expand_tasks_per_node, first_host
 
@@ -191,6 +214,235 @@ def test_parse_override_reads_back_the_yaml_scalar(key, value):
         assert parsed == value and type(parsed) is type(value)
 
 
+def _is_numeric(tp) -> bool:
+    if tp in (int, float):
+        return True
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return (
+        typing.get_origin(tp) in (tuple, typing.Union, types.UnionType) and bool(args) and all(map(_is_numeric, args))
+    )
+
+
+def test_every_numeric_key_has_a_bound():
+    numeric = {key for key, tp in LEAVES.items() if _is_numeric(tp)}
+    assert numeric - set(BOUNDS) == set()
+    # rows name schema keys, or arguments inside model.backbone_kwargs
+    assert {k for k in BOUNDS if not k.startswith("model.backbone_kwargs.")} <= numeric
+
+
+@SETTINGS
+@given(x=st.floats(allow_nan=False, allow_infinity=False, min_value=0, exclude_min=True))
+def test_a_float_as_python_prints_it_is_a_number(x):
+    """`repr` writes 1e-05 and 5e+20 without a dot, which YAML 1.1 (PyYAML) would read as strings."""
+    assert parse_override(f"train.lr={x!r}") == ("train.lr", x)
+    assert parse_override(f"train.lr={x:e}")[1] == float(f"{x:e}")
+    assert parse_override(f"train.lr={x!r}".replace("e", "E"))[1] == x
+
+
+# ------------------------------------------------------------------------------------------- hostile values
+
+REPO = Path(__file__).resolve().parents[2]
+SECONDS = 2.0  # the most one hostile config may take to load or be refused
+HANG_S = 15.0  # no answer from the worker in this long: a hang (generous: the machine may be loaded)
+CLI = ["launch", "local", "--dry-run", "--nproc", "1", "--launcher", "torchrun"]
+
+
+def _bomb(levels: int) -> str:
+    """A flow list whose alias expansion holds 9**levels strings (the "billion laughs" in a few hundred bytes)."""
+    items = ["&l0 [x, x, x, x, x, x, x, x, x]"]
+    items += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return f"[{', '.join(items)}]"
+
+
+# YAML text of each hostile value, written in place of a key's value
+HOSTILE = {
+    "nan": ".nan",
+    "inf": ".inf",
+    "-inf": "-.inf",
+    "negative": "-1",
+    "tiny negative": "-1.0e-300",
+    "zero": "0",
+    "float zero": "0.0",
+    "2**64": str(2**64),
+    "-2**70": str(-(2**70)),
+    "10**400": "1" + "0" * 400,
+    "5000 digits": "9" * 5000,
+    "1e308": "1e308",
+    "1e999": "1e999",
+    "exponent string": "'1e-3'",
+    "string": "abc",
+    "bool": "true",
+    "null": "null",
+    "list": "[1, 2]",
+    "list of nan": "[.nan, .nan, .nan]",
+    "mapping": "{a: 1}",
+    "number-keyed mapping": "{1: 2, a: 3}",
+    "deep lists": "[" * 40 + "]" * 40,
+    "deeper lists": "[" * 5000 + "]" * 5000,
+    "deep mappings": "{a: " * 3000 + "1" + "}" * 3000,
+    "alias bomb": _bomb(9),
+    "recursive alias": "&r [*r]",
+    "long string": "x" * 100_000,
+    "newline": '"a\\nb"',
+    "NUL": '"a\\0b"',
+    "undecodable byte": "a\udcffb",  # from the command line (surrogateescape) or a file that is not UTF-8
+    "wide list": "[" + ", ".join(["1"] * 2_000) + "]",
+}
+
+
+def _config_text(key: str, value_yaml: str) -> str:
+    *sections, leaf = key.split(".")
+    lines = [f"{'  ' * i}{part}:" for i, part in enumerate(sections)]
+    return "\n".join([*lines, f"{'  ' * len(sections)}{leaf}: {value_yaml}"]) + "\n"
+
+
+class _Worker:
+    """A child interpreter that loads configs on request; the parent waits at most HANG_S for each answer."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.proc = None
+
+    def _start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(self.tmp)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env,
+        )  # fmt: skip
+
+    def ask(self, request: dict) -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], HANG_S)
+        if not ready:
+            self.close()
+            return {"outcome": "hang"}
+        line = self.proc.stdout.readline()
+        if not line:
+            self.close()
+            return {"outcome": "died"}
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def _serve(tmp: str) -> None:
+    """The worker's side: one JSON request per line (YAML text, overrides, CLI or not), one JSON answer per line."""
+    import contextlib
+    import io
+    import resource
+    import time
+    import traceback
+
+    from vimoe_dist.cli import build_parser, main
+
+    build_parser()  # imports every command's module once: the 2 s are for the config, not for imports
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # an alias bomb of old fails, not the machine
+    path = Path(tmp) / "hostile.yaml"
+    for line in sys.stdin:
+        request = json.loads(line)
+        path.write_text(request["yaml"], errors="surrogateescape")
+        err = io.StringIO()
+        t0 = time.perf_counter()
+        try:
+            if request["cli"]:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                    main([*CLI, "--config", str(path), *request["overrides"]])
+                answer = {"outcome": "ok"}  # pragma: no cover - main always exits
+            else:
+                load_config(path, request["overrides"])
+                answer = {"outcome": "ok"}
+        except ConfigError as e:
+            answer = {"outcome": "refused", "message": str(e)}
+        except SystemExit as e:
+            answer = {"outcome": "exit", "code": e.code, "message": err.getvalue()}
+        except BaseException as e:  # what a user would see as a traceback
+            answer = {"outcome": "traceback", "message": "".join(traceback.format_exception_only(e))[-2000:]}
+        answer["seconds"] = time.perf_counter() - t0
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    w = _Worker(tmp_path_factory.mktemp("worker"))
+    yield w
+    w.close()
+
+
+def _check_answer(answer: dict, key: str, what: str, cli: bool) -> None:
+    """Loaded (exit 0), or refused in one short line that names the key's section, the override or the file."""
+    assert answer["outcome"] not in ("hang", "died", "traceback"), (what, answer)
+    assert answer["seconds"] < SECONDS, (what, answer)
+    if cli:
+        assert answer["outcome"] == "exit" and answer["code"] in (0, 2), (what, answer)
+        if answer["code"] == 0:
+            return
+        assert answer["message"].startswith("vimoe launch: error: ") and answer["message"].count("\n") == 1
+    elif answer["outcome"] == "ok":
+        return
+    message = answer["message"].strip()
+    assert "\n" not in message and len(message) < 1000, (what, answer)
+    assert any(n in message for n in (key.rsplit(".", 1)[0], "override", "config file")), (what, answer)
+
+
+@pytest.mark.slow
+def test_hostile_values_for_every_key_load_or_are_one_line(worker):
+    """Every schema key x every hostile value, through load_config from a file and as an override; the failures
+    are reported together."""
+    failures = []
+    for name, value in HOSTILE.items():
+        for key in sorted(LEAVES):
+            requests = {
+                "file": {"yaml": _config_text(key, value), "overrides": [], "cli": False},
+                "override": {"yaml": "{}\n", "overrides": [f"{key}={value}"], "cli": False},
+            }
+            for how, request in requests.items():
+                answer = worker.ask(request)
+                try:
+                    _check_answer(answer, key, f"{key}: {name} ({how})", False)
+                except AssertionError:
+                    failures.append(f"{key}: {name} ({how}): {answer}"[:400])
+    assert not failures, f"{len(failures)} failures, e.g.:\n" + "\n".join(failures[:: max(1, len(failures) // 20)])
+
+
+hostile_values = st.recursive(
+    st.one_of(
+        st.sampled_from(sorted(HOSTILE.values())),
+        st.integers().map(str),
+        st.floats().map(
+            lambda x: ".nan" if math.isnan(x) else ".inf" if x == math.inf else "-.inf" if x == -math.inf else repr(x)
+        ),
+        st.text(max_size=20).map(json.dumps),  # a double-quoted YAML string: any character, escaped
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4).map(lambda items: f"[{', '.join(items)}]"),
+        st.dictionaries(st.from_regex(r"[a-z]{1,3}", fullmatch=True), inner, max_size=3).map(
+            lambda d: "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
+        ),
+    ),
+    max_leaves=8,
+)
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(sorted(LEAVES)), value=hostile_values, as_override=st.booleans())
+def test_hostile_values_through_the_cli(worker, key, value, as_override):
+    """`vimoe launch local --dry-run` with a hostile value in the file or as an override: exit 0, or exit 2 with one
+    line, within 2 s."""
+    request = {"yaml": "{}\n", "overrides": [f"{key}={value}"], "cli": True}
+    if not as_override:
+        request = {"yaml": _config_text(key, value), "overrides": [], "cli": True}
+    _check_answer(worker.ask(request), key, f"{key}={value[:200]}", True)
+
+
 # ---------------------------------------------------------------------------------------------------- hostlists
 
 
@@ -266,3 +518,7 @@ def test_tasks_per_node_any_text_expands_or_is_a_user_error(text):
     except UserError:
         return
     assert all(isinstance(c, int) and c >= 0 for c in counts)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _serve(sys.argv[2])

@@ -385,7 +385,7 @@ def seed_everything(seed: int) -> None:
 def seed_step(seed: int, step: int, rank: int) -> None:
     """Randomness of step s (drop-path, router noise) derives from (seed, s, rank) alone: resuming at step s
     replays exactly what an uninterrupted run would have done, with no RNG state to save."""
-    torch.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+    torch.manual_seed(((seed * 1_000_003 + step) * 4099 + rank) % 2**64)  # run.seed may be up to 2**63 - 1
 
 
 def setup_logging(rank: int) -> None:
