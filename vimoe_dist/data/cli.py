@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--out", required=True, metavar="FILE", help="manifest to write, e.g. DIR/train.json")
     m.add_argument("--split", default="", help="split name stored in the manifest")
     m.add_argument("--allow-pipe", action="store_true", help="allow 'pipe:' shard sources")
+    m.add_argument("--http-timeout", type=float, default=600.0, metavar="S", help="total seconds per http(s) shard")
     m.set_defaults(func=_manifest)
 
 
@@ -100,9 +101,12 @@ def _manifest(args: argparse.Namespace) -> int:
 
     from vimoe_dist.data.scan import scan_shards
     from vimoe_dist.data.sources import expand_shards
+    from vimoe_dist.errors import UserError
 
     urls = expand_shards(list(args.shards), "shards", args.allow_pipe)
-    manifest = scan_shards(urls, split=args.split, relative_to=Path(args.out).parent)
+    if not args.http_timeout > 0:
+        raise UserError(f"--http-timeout must be > 0, got {args.http_timeout}")
+    manifest = scan_shards(urls, split=args.split, relative_to=Path(args.out).parent, http_timeout_s=args.http_timeout)
     manifest.write(args.out)
     _summary({args.split or "shards": manifest})
     return 0

@@ -73,7 +73,7 @@ def resolve_split(cfg: Config, key: str, need_counts: bool) -> tuple[list[str], 
         from vimoe_dist.data.scan import scan_shards
 
         log.warning("%s: no manifest lists these shards; counting samples by reading them once", key)
-        manifest = scan_shards(urls, split=key)
+        manifest = scan_shards(urls, split=key, http_timeout_s=cfg.data.http_timeout_s)
         counts = [s.num_samples for s in manifest.shards]
     if manifest is not None:
         used = [i for i, n in enumerate(manifest.label_counts) if n] or [len(manifest.classes) - 1]
