@@ -16,9 +16,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-count", type=int, default=120, help="samples per shard (default 120: 12 train shards)")
     d.set_defaults(func=_digits)
 
-    f = data.add_parser("from-folder", help="an ImageFolder tree SRC/{train,val}/<class>/<image> to shards")
-    f.add_argument("src", metavar="SRC", help="root holding train/ (and val/) with one directory per class")
+    f = data.add_parser(
+        "from-folder",
+        help="image folders to shards: SRC/{train,val}/<class>/<image>, or one split's folder with --split",
+        description="Writes DIR/<split>-NNNNNN.tar, DIR/<split>.json and DIR/classes.txt. ImageNet as shipped: "
+        "`from-folder ILSVRC2012_img_train --split train --out DIR`, then `from-folder ILSVRC2012_img_val --split val "
+        "--labels LOC_val_solution.csv --out DIR` (the val classes come from DIR/train.json). An existing data set in "
+        "DIR is replaced only when the new one is complete.",
+    )
+    f.add_argument("src", metavar="SRC", help="root holding train/ (and val/), or with --split that split's folder")
     f.add_argument("--out", required=True, metavar="DIR")
+    f.add_argument("--split", choices=("train", "val"), help="SRC is this split's folder (class folders, or flat)")
+    f.add_argument("--labels", metavar="FILE", help="labels of a flat val folder: a file,label CSV (or 'file label')")
+    f.add_argument("--classes-from", metavar="PATH",
+                   help="class order: a data set directory, a manifest, a classes.txt or the train class folders "
+                   "(default: the train folders, or DIR/train.json for --split val)")  # fmt: skip
     f.add_argument("--max-count", type=int, default=1000, help="at most this many samples per shard")
     f.add_argument("--max-size", type=float, default=1e9, help="at most about this many bytes per shard")
     f.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
@@ -78,7 +90,8 @@ def _from_folder(args: argparse.Namespace) -> int:
     _check_counts(args)
     manifests = write_from_folder(
         args.src, args.out, max_count=args.max_count, max_size=args.max_size, num_procs=args.workers,
-        seed=args.seed, shuffle=not args.no_shuffle,
+        seed=args.seed, shuffle=not args.no_shuffle, split=args.split, labels=args.labels,
+        classes_from=args.classes_from,
     )  # fmt: skip
     _summary(manifests)
     return 0
