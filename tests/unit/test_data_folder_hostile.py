@@ -34,6 +34,7 @@ def from_folder(src, out, timeout=120):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "make", "reason"),
     [

@@ -51,6 +51,7 @@ def test_a_silent_server_fails_within_the_time_limit():
     assert "\n" not in message and f"127.0.0.1:{port}/val-000000.tar" in message and "timed out" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_ends_the_read_and_closes_the_connection(tmp_path, sig):
     """`vimoe data manifest URL` blocked on a silent server: the signal ends it, and no helper process (curl, in

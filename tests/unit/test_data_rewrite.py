@@ -36,6 +36,7 @@ def new_shards(out, since: float) -> list:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_rewrite_leaves_the_old_data_set_intact(tmp_path, sig):
     out = tmp_path / "data"
@@ -71,6 +72,7 @@ def test_a_complete_rewrite_replaces_the_split_and_keeps_the_others(tmp_path):
     assert read_manifest(out / "train.json").num_samples == 20 and read_manifest(out / "val.json").num_samples == 8
 
 
+@pytest.mark.slow
 def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
     proc = subprocess.run(synthetic(tmp_path / "d", "--images", "200", "--size", "16", "--max-count", "10",
                                     "--workers", "1"), capture_output=True, timeout=300)  # fmt: skip
