@@ -4,7 +4,9 @@ log as plain lines."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 
 from vimoe_dist.data import read_manifest
 from vimoe_dist.data.synthetic import write_synthetic
+from vimoe_dist.errors import UserError
 
 
 def digest(directory) -> dict[str, str]:
@@ -80,3 +83,19 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
     assert b"\r" not in proc.stderr  # bytes: text mode would turn a carriage return into a newline
     lines = [line for line in proc.stderr.decode().split("\n") if line.startswith("train shards: ")]
     assert 2 <= len(lines) <= 11 and lines[-1].startswith("train shards: 200/200 img (100%)")
+
+
+def test_two_writers_are_kept_apart_and_a_killed_writers_folder_is_removed(tmp_path):
+    out = tmp_path / "data"
+    write_synthetic(out, num_classes=2, num_images=4, size=16, progress=False)
+    (out / ".vimoe-partial-999999").mkdir()  # what a writer killed by SIGKILL leaves
+    (out / ".vimoe-partial-999999" / "train-000000.tar").write_bytes(b"half")
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another writer at work
+        with pytest.raises(UserError, match="another `vimoe data` is writing this data set"):
+            write_synthetic(out, num_classes=2, num_images=4, size=16, progress=False)
+    finally:
+        os.close(fd)
+    write_synthetic(out, num_classes=2, num_images=4, size=16, progress=False)
+    assert not list(out.glob(".vimoe-partial-*"))

@@ -52,15 +52,17 @@ class StagedWrite:
             self._lock = os.open(self.out, os.O_RDONLY)
         except OSError as e:
             raise UserError(f"--out {self.out}: cannot create the directory ({e.strerror or e})") from None
+        locked = True
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock)
             raise UserError(f"--out {self.out}: another `vimoe data` is writing this data set") from None
         except OSError:
-            pass  # a file system without flock: no protection against a second writer, as before
-        for stale in self.out.glob(f"{STAGING_PREFIX}*"):  # left by a writer that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+            locked = False  # a file system without flock: no protection against a second writer, as before
+        if locked:  # what a killed writer left; without the lock it could be a live writer's
+            for stale in self.out.glob(f"{STAGING_PREFIX}*"):
+                shutil.rmtree(stale, ignore_errors=True)
         self.dir.mkdir()
         if threading.current_thread() is threading.main_thread():
             self._old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
