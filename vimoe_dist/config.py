@@ -144,6 +144,8 @@ class DataConfig:
     crop_pct: float = 0.875
     color_jitter: float = 0.0  # timm's color jitter strength (it is off whenever auto_augment is set)
     interpolation: str = "bicubic"  # resize interpolation: bicubic | bilinear | nearest | random
+    http_timeout_s: float = 600.0  # total time to read one http(s) shard (a silent server fails within it)
+    max_image_pixels: int = 40_000_000  # a larger image is a bad sample (decompression bombs below PIL's limit)
 
 
 @dataclass
@@ -712,6 +714,8 @@ def validate(cfg: Config) -> None:
     if any(s <= 0 for s in d.std):
         raise ConfigError(f"data.std: every value must be > 0, got {list(d.std)!r}")
     _choice("data.interpolation", d.interpolation, ("bicubic", "bilinear", "nearest", "random"))
+    _positive("data.http_timeout_s", d.http_timeout_s)
+    _positive("data.max_image_pixels", d.max_image_pixels)
     if not 0 <= cfg.metrics.port <= 65535:
         raise ConfigError(f"metrics.port: {cfg.metrics.port} is not a TCP port (0 turns the endpoint off)")
     if not cfg.metrics.addr.strip():

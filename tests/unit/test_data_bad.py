@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from vimoe_dist.config import load_config
-from vimoe_dist.data import build_train_loader, build_val_loader, write_digits
+from vimoe_dist.data import build_train_loader, build_val_loader, read_manifest, write_digits
 from vimoe_dist.data.writers import write_split
 from vimoe_dist.errors import UserError
 
@@ -46,7 +46,9 @@ def good_sample(i: int) -> dict:
 @pytest.fixture(scope="module")
 def bad_dir(tmp_path_factory):
     """bad-000000.tar: 10 samples, one corrupt JPEG and one without label; trunc-000000.tar: 10 samples, cut in
-    the middle of sample 5's image (5 complete samples survive). Manifests are written before the damage."""
+    the middle of sample 5's image (5 complete samples survive). The manifests keep the sample counts from before the
+    damage and take the damaged sizes: the damage the readers must count is the kind a size check cannot see (a bad
+    disk block inside a file, a shard that breaks after the start-up check)."""
     out = tmp_path_factory.mktemp("bad")
     write_split(out, "bad", 10, damaged_sample, ["0", "1", "2", "3"], max_count=10, progress=False)
     write_split(out, "trunc", 10, good_sample, ["0", "1", "2", "3"], max_count=10, progress=False)
@@ -62,6 +64,10 @@ def bad_dir(tmp_path_factory):
     with tarfile.open(trunc) as tar:
         cut = next(m for m in tar if m.name == "b005.jpg").offset_data + 100
     os.truncate(trunc, cut)
+    for split in ("bad", "trunc"):
+        manifest = read_manifest(out / f"{split}.json")
+        manifest.shards[0].num_bytes = (out / f"{split}-000000.tar").stat().st_size
+        manifest.write(out / f"{split}.json")
     return out
 
 

@@ -84,3 +84,68 @@ def test_tar_index_reads_samples_by_position(tmp_path):
     os.truncate(path, cut)  # inside the last member's data
     damaged = TarIndex(str(path))
     assert damaged.error is not None and len(damaged) == 2 and damaged.read(1)["png"] == expected[2][1]
+
+
+def header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    """One header block with a valid checksum (what a hostile shard would carry)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    return info.tobuf(format=tarfile.GNU_FORMAT)  # GNU: base-256 size fields for sizes beyond 8 GiB
+
+
+def member(name: str, data: bytes, kind: bytes = tarfile.REGTYPE) -> bytes:
+    return header(name, len(data), kind) + data + bytes(-len(data) % 512)
+
+
+PARSE_IN_CHILD = """
+import sys, tarfile
+from vimoe_dist.data.tarformat import iter_members, scan_members
+path = sys.argv[1]
+for name, read in (("iter", lambda: list(iter_members(open(path, "rb")))), ("scan", lambda: scan_members(path))):
+    try:
+        read()
+        print(name, "ok")
+    except tarfile.ReadError as e:
+        print(name, "ReadError", e.args[0])
+"""
+
+
+@pytest.mark.parametrize("record", [b"0 mtime=1\n", b"3 mtime=1\n", b"99 path=x\n", b"x path=x\n"])
+def test_a_bad_pax_record_is_an_error_not_an_endless_loop(tmp_path, record):
+    """A pax record whose length is 0 used to leave the parser where it was, forever (the loader spun, deaf to
+    SIGTERM); every record must advance past itself. Parsed in a child so that a loop fails the test, not hangs."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "pax.tar"
+    path.write_bytes(member("pax", record, tarfile.XHDTYPE) + member("a.jpg", b"1") + bytes(1024))
+    proc = subprocess.run([sys.executable, "-c", PARSE_IN_CHILD, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "iter ReadError bad pax record at byte 0 of an extended header",
+        "scan ReadError bad pax record at byte 0 of an extended header at byte 0",
+    ]
+
+
+def test_a_size_field_is_checked_before_anything_is_allocated(tmp_path):
+    """A member claiming 2**62 bytes: one ReadError naming it, from a file or from a pipe (whose length is unknown),
+    never a MemoryError from reading that many bytes."""
+    import subprocess
+
+    path = tmp_path / "huge.tar"
+    path.write_bytes(member("a.cls", b"1") + header("a.jpg", 2**62) + bytes(2048))
+    with (
+        open(path, "rb") as f,
+        pytest.raises(tarfile.ReadError, match=rf"'a.jpg' truncated: claims {2**62} bytes, 2048 follow"),
+    ):
+        list(iter_members(f))
+    with pytest.raises(tarfile.ReadError, match=r"'a\.jpg' truncated") as info:
+        scan_members(str(path))
+    assert [n for n, _, _ in info.value.args[1]] == ["a.cls"]
+    cat = subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE)
+    with cat, pytest.raises(tarfile.ReadError, match=rf"'a.jpg' claims {2**62} bytes \(at most"):
+        list(iter_members(cat.stdout))
+    path.write_bytes(header("long", 2**40, tarfile.GNUTYPE_LONGNAME) + bytes(2048))
+    cat = subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE)
+    with cat, pytest.raises(tarfile.ReadError, match="extended header"):
+        list(iter_members(cat.stdout))

@@ -16,9 +16,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-count", type=int, default=120, help="samples per shard (default 120: 12 train shards)")
     d.set_defaults(func=_digits)
 
-    f = data.add_parser("from-folder", help="an ImageFolder tree SRC/{train,val}/<class>/<image> to shards")
-    f.add_argument("src", metavar="SRC", help="root holding train/ (and val/) with one directory per class")
+    f = data.add_parser(
+        "from-folder",
+        help="image folders to shards: SRC/{train,val}/<class>/<image>, or one split's folder with --split",
+        description="Writes DIR/<split>-NNNNNN.tar, DIR/<split>.json and DIR/classes.txt. ImageNet as shipped: "
+        "`from-folder ILSVRC2012_img_train --split train --out DIR`, then `from-folder ILSVRC2012_img_val --split val "
+        "--labels LOC_val_solution.csv --out DIR` (the val classes come from DIR/train.json). An existing data set in "
+        "DIR is replaced only when the new one is complete.",
+    )
+    f.add_argument("src", metavar="SRC", help="root holding train/ (and val/), or with --split that split's folder")
     f.add_argument("--out", required=True, metavar="DIR")
+    f.add_argument("--split", choices=("train", "val"), help="SRC is this split's folder (class folders, or flat)")
+    f.add_argument("--labels", metavar="FILE", help="labels of a flat val folder: a file,label CSV (or 'file label')")
+    f.add_argument("--classes-from", metavar="PATH",
+                   help="class order: a data set directory, a manifest, a classes.txt or the train class folders "
+                   "(default: the train folders, or DIR/train.json for --split val)")  # fmt: skip
     f.add_argument("--max-count", type=int, default=1000, help="at most this many samples per shard")
     f.add_argument("--max-size", type=float, default=1e9, help="at most about this many bytes per shard")
     f.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
@@ -42,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--out", required=True, metavar="FILE", help="manifest to write, e.g. DIR/train.json")
     m.add_argument("--split", default="", help="split name stored in the manifest")
     m.add_argument("--allow-pipe", action="store_true", help="allow 'pipe:' shard sources")
+    m.add_argument("--http-timeout", type=float, default=600.0, metavar="S", help="total seconds per http(s) shard")
     m.set_defaults(func=_manifest)
 
 
@@ -77,7 +90,8 @@ def _from_folder(args: argparse.Namespace) -> int:
     _check_counts(args)
     manifests = write_from_folder(
         args.src, args.out, max_count=args.max_count, max_size=args.max_size, num_procs=args.workers,
-        seed=args.seed, shuffle=not args.no_shuffle,
+        seed=args.seed, shuffle=not args.no_shuffle, split=args.split, labels=args.labels,
+        classes_from=args.classes_from,
     )  # fmt: skip
     _summary(manifests)
     return 0
@@ -100,9 +114,12 @@ def _manifest(args: argparse.Namespace) -> int:
 
     from vimoe_dist.data.scan import scan_shards
     from vimoe_dist.data.sources import expand_shards
+    from vimoe_dist.errors import UserError
 
     urls = expand_shards(list(args.shards), "shards", args.allow_pipe)
-    manifest = scan_shards(urls, split=args.split, relative_to=Path(args.out).parent)
+    if not args.http_timeout > 0:
+        raise UserError(f"--http-timeout must be > 0, got {args.http_timeout}")
+    manifest = scan_shards(urls, split=args.split, relative_to=Path(args.out).parent, http_timeout_s=args.http_timeout)
     manifest.write(args.out)
     _summary({args.split or "shards": manifest})
     return 0

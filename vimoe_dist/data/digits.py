@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vimoe_dist.data.manifest import Manifest
+from vimoe_dist.data.staging import StagedWrite
 from vimoe_dist.data.writers import write_split
 
 DIGITS_SPLIT_SEED = 0
@@ -66,10 +67,12 @@ def write_digits(
     out_dir: str | os.PathLike, max_count: int = DIGITS_SHARD_SIZE, progress: bool = False
 ) -> dict[str, Manifest]:
     """Writes `out_dir/{train,val}-%06d.tar` and `out_dir/{train,val}.json`; returns the manifests by split."""
-    return {
-        name: write_split(
-            out_dir, name, len(split.labels), _DigitSample(split), DIGIT_CLASSES,
-            max_count=max_count, source="sklearn.datasets.load_digits", progress=progress,
-        )
-        for name, split in digits_splits().items()
-    }  # fmt: skip
+    splits = digits_splits()
+    with StagedWrite(out_dir, list(splits)) as stage:
+        return {
+            name: write_split(
+                stage.dir, name, len(split.labels), _DigitSample(split), DIGIT_CLASSES,
+                max_count=max_count, source="sklearn.datasets.load_digits", progress=progress,
+            )
+            for name, split in splits.items()
+        }  # fmt: skip

@@ -33,8 +33,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from vimoe_dist.config import Config
-from vimoe_dist.data.manifest import Manifest, find_manifest
-from vimoe_dist.data.sources import expand_shards, is_local
+from vimoe_dist.data.sources import is_local
+from vimoe_dist.data.splits import resolve_split
 from vimoe_dist.errors import UserError
 
 log = logging.getLogger("vimoe_dist.data")
@@ -57,33 +57,6 @@ def micro_batch_size(cfg: Config, world_size: int) -> int:
             f"of model.moe.group_size={group}"
         )
     return b
-
-
-def resolve_split(cfg: Config, key: str, need_counts: bool) -> tuple[list[str], list[int] | None, Manifest | None]:
-    """Shard URLs of data.train / data.val, their sample counts (manifest, else a scan when needed) and the
-    manifest; checks the labels against model.num_classes."""
-    spec = getattr(cfg.data, key.split(".")[1])
-    urls = expand_shards(spec, key, cfg.data.allow_pipe)
-    found = find_manifest(urls)
-    manifest, counts = None, None
-    if found is not None:
-        manifest, by_url = found
-        counts = [by_url[u] for u in urls]
-    elif need_counts:
-        from vimoe_dist.data.scan import scan_shards
-
-        log.warning("%s: no manifest lists these shards; counting samples by reading them once", key)
-        manifest = scan_shards(urls, split=key)
-        counts = [s.num_samples for s in manifest.shards]
-    if manifest is not None:
-        used = [i for i, n in enumerate(manifest.label_counts) if n] or [len(manifest.classes) - 1]
-        if max(used) >= cfg.model.num_classes:
-            raise UserError(
-                f"{key}: the shards hold labels up to {max(used)} but model.num_classes={cfg.model.num_classes}"
-            )
-    if counts is not None and sum(counts) == 0:
-        raise UserError(f"{key}: the shards hold no samples")
-    return urls, counts, manifest
 
 
 def _loader(dataset, cfg: Config, sampler=None) -> DataLoader:

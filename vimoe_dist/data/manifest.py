@@ -2,19 +2,25 @@
 
 The loader reads it to know epoch sizes (for equal batch counts per rank and for `data.order: exact`) and to check
 labels against `model.num_classes` before training starts. It is a small JSON file next to the shards,
-`DIR/<split>.json`; shard names in it are relative to the manifest's directory.
+`DIR/<split>.json`; shard names in it are relative to the manifest's directory. `data.train: DIR` names a data set
+by its directory: the split's manifest then lists the shards, so a config never disagrees with the data set about
+how many shards there are.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vimoe_dist.errors import UserError
 
 MANIFEST_FORMAT = "vimoe-wds-manifest/1"
+MAX_MANIFEST_BYTES = 256 << 20  # ImageNet-21k's is a few MB
+MIN_SAMPLE_BYTES = 512  # a sample is at least one tar header
+MAX_SHARD_SAMPLES = 1 << 24  # 16.7 M samples of >= 1 KiB would be a 16 GiB shard; real ones hold thousands
 
 
 @dataclass
@@ -63,24 +69,78 @@ def manifest_path(out_dir: str | os.PathLike, split: str) -> Path:
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """Reads a manifest written by `Manifest.write`; a bad file is a `UserError` naming it."""
+    """Reads and checks a manifest written by `Manifest.write`; a bad file is a one-line `UserError` naming it.
+
+    A manifest is input like any other: counts must be integers >= 0 that fit the bytes of their shard (a sample
+    takes at least one 512-byte tar header), so a manifest claiming 2**40 or -100 samples is refused here instead
+    of becoming a 2**40-element permutation or duplicate samples in exact order.
+    """
+    where = f"manifest {str(path)!r}"
     try:
+        if os.stat(path).st_size > MAX_MANIFEST_BYTES:
+            raise UserError(f"{where} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; is it a manifest?")
         raw = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"manifest {str(path)!r} cannot be read: {e}") from None
+        raise UserError(f"{where} cannot be read: {e}".splitlines()[0]) from None
     if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"manifest {str(path)!r} is not a {MANIFEST_FORMAT} file")
-    try:
-        shards = [ShardInfo(str(s["url"]), int(s["num_samples"]), int(s.get("num_bytes", 0))) for s in raw["shards"]]
-        return Manifest(
-            split=str(raw.get("split", "")),
-            shards=shards,
-            classes=[str(c) for c in raw.get("classes", [])],
-            label_counts=[int(c) for c in raw.get("label_counts", [])],
-            source=str(raw.get("source", "")),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"manifest {str(path)!r} is malformed: {e!r}") from None
+        raise UserError(f"{where} is not a {MANIFEST_FORMAT} file")
+    shards_raw = raw.get("shards")
+    if not isinstance(shards_raw, list) or not all(isinstance(s, dict) for s in shards_raw):
+        raise UserError(f"{where}: 'shards' must be a list of {{url, num_samples, num_bytes}} objects")
+    shards = []
+    for i, item in enumerate(shards_raw):
+        url = item.get("url")
+        if not isinstance(url, str) or not url or has_control_chars(url):
+            raise UserError(f"{where}: shard {i}: url {url!r} is not a file name or URL")
+        num = _count(item.get("num_samples"), f"{where}: shard {url!r}: num_samples")
+        size = _count(item.get("num_bytes", 0), f"{where}: shard {url!r}: num_bytes")
+        room = size // MIN_SAMPLE_BYTES if size else MAX_SHARD_SAMPLES
+        if num > min(room, MAX_SHARD_SAMPLES):
+            limit = (
+                f"its {size} bytes hold at most {room}"
+                if room < MAX_SHARD_SAMPLES
+                else f"at most {MAX_SHARD_SAMPLES} per shard"
+            )
+            raise UserError(f"{where}: shard {url!r} claims {num} samples; {limit}")
+        shards.append(ShardInfo(url, num, size))
+    manifest = Manifest(split=str(raw.get("split", "")), shards=shards, source=str(raw.get("source", "")))
+    if "num_samples" in raw and _count(raw["num_samples"], f"{where}: num_samples") != manifest.num_samples:
+        raise UserError(f"{where}: num_samples {raw['num_samples']} is not the sum over its shards")
+    classes = raw.get("classes", [])
+    if not isinstance(classes, list):
+        raise UserError(f"{where}: 'classes' must be a list of names")
+    for name in classes:
+        check_class_name(name, where)
+    manifest.classes = list(classes)
+    counts = raw.get("label_counts", [])
+    if not isinstance(counts, list):
+        raise UserError(f"{where}: 'label_counts' must be a list of counts")
+    manifest.label_counts = [_count(n, f"{where}: label_counts[{i}]") for i, n in enumerate(counts)]
+    if classes and len(counts) > len(classes):
+        raise UserError(f"{where}: label_counts has {len(counts)} entries for {len(classes)} classes")
+    if sum(manifest.label_counts) > manifest.num_samples:
+        raise UserError(f"{where}: label_counts add up to more than its {manifest.num_samples} samples")
+    return manifest
+
+
+def _count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{what}: {value!r} is not a count >= 0")
+    return value
+
+
+def has_control_chars(text: str) -> bool:
+    """True when `text` holds a line break or another control character (which would split a line of classes.txt
+    or a log line in two)."""
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
+def check_class_name(name: object, where: str) -> None:
+    """A class name is a non-empty string on one line; raises a one-line `UserError` naming `where` otherwise."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"{where}: class name {name!r} is not a non-empty string")
+    if has_control_chars(name):
+        raise UserError(f"{where}: class name {name!r} holds a line break or control character")
 
 
 def is_manifest_file(path: Path) -> bool:
@@ -93,47 +153,13 @@ def is_manifest_file(path: Path) -> bool:
     return MANIFEST_FORMAT.encode() in head
 
 
-def find_manifest(urls: list[str]) -> tuple[Manifest, dict[str, int]] | None:
-    """The manifest(s) that list every one of `urls` (local shards only), merged, and url -> sample count.
-
-    Looks at the `*.json` manifests in the directories of the shards; shards are matched by absolute path, so a
-    list may mix shards of several splits or directories. Returns None when some shard is in no manifest (remote
-    shards, or shards written by another tool: `vimoe data manifest` writes one).
-    """
-    if not urls or not all(_is_local(u) for u in urls):
-        return None
-    wanted = {str(Path(u).resolve()): u for u in urls}
-    counts: dict[str, int] = {}
-    used: list[Manifest] = []
-    for directory in sorted({Path(w).parent for w in wanted}):
-        for path in sorted(directory.glob("*.json")):
-            if not is_manifest_file(path):
-                continue
-            manifest = read_manifest(path)
-            listed = {str((directory / s.url).resolve()): s.num_samples for s in manifest.shards}
-            new = {w: n for w, n in listed.items() if w in wanted and w not in counts}
-            if new:
-                counts.update(new)
-                used.append(manifest)
-    if not all(w in counts for w in wanted):
-        return None
-    merged = Manifest(
-        split=used[0].split,
-        shards=[ShardInfo(u, counts[w]) for w, u in wanted.items()],
-        classes=max((m.classes for m in used), key=len),
-        label_counts=_sum_counts([m.label_counts for m in used]),
-        source=used[0].source,
-    )
-    return merged, {u: counts[w] for w, u in wanted.items()}
+def manifests_in(directory: Path) -> list[tuple[Path, Manifest]]:
+    """Every manifest (`*.json` with the format marker) in `directory`, read and checked."""
+    return [(path, read_manifest(path)) for path in sorted(directory.glob("*.json")) if is_manifest_file(path)]
 
 
-def _sum_counts(lists: list[list[int]]) -> list[int]:
-    out = [0] * max((len(c) for c in lists), default=0)
-    for counts in lists:
-        for i, n in enumerate(counts):
-            out[i] += n
-    return out
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
+def shard_path(manifest_dir: Path, url: str) -> str:
+    """A manifest's shard name as a path or URL: relative names are relative to the manifest's directory."""
+    if "://" in url or url.startswith("pipe:") or os.path.isabs(url):
+        return url
+    return str(manifest_dir / url)

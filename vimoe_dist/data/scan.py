@@ -10,17 +10,22 @@ import os
 from pathlib import Path
 
 from vimoe_dist.data.manifest import Manifest, ShardInfo
-from vimoe_dist.data.tario import ShardReader
+from vimoe_dist.data.tario import DEFAULT_HTTP_TIMEOUT_S, ShardReader
 from vimoe_dist.data.transforms import LABEL_EXTS
 
 
-def scan_shards(urls: list[str], split: str = "", relative_to: str | os.PathLike | None = None) -> Manifest:
+def scan_shards(
+    urls: list[str],
+    split: str = "",
+    relative_to: str | os.PathLike | None = None,
+    http_timeout_s: float = DEFAULT_HTTP_TIMEOUT_S,
+) -> Manifest:
     """Reads every shard once; counts samples and labels. Unreadable shards stop with the reader's error."""
     from vimoe_dist.errors import UserError
 
     shards, label_counts = [], []
     for url in urls:
-        reader = ShardReader(url)
+        reader = ShardReader(url, http_timeout_s)
         for sample in reader:
             raw = next((sample[e] for e in LABEL_EXTS if e in sample), None)
             try:

@@ -111,7 +111,7 @@ class TrainStream(IterableDataset):
         empty_in_a_row = 0
         for item in shard_iter:
             url = item["url"]
-            reader = ShardReader(url)
+            reader = ShardReader(url, self.cfg.data.http_timeout_s)
             yield from reader
             account_shard_end(reader, bad, self.counts.get(url))
             empty_in_a_row = 0 if reader.num_seen else empty_in_a_row + 1
@@ -203,7 +203,7 @@ class ValStream(IterableDataset):
             end = start + count
             if end > lo and start < hi:
                 first, last = max(lo, start), min(hi, end)
-                reader = ShardReader(url)
+                reader = ShardReader(url, self.cfg.data.http_timeout_s)
                 position, num_in_range = start, 0
                 for sample in reader:
                     if position >= end:

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from vimoe_dist.data.manifest import Manifest
+from vimoe_dist.data.staging import StagedWrite
 from vimoe_dist.data.writers import write_split
 
 
@@ -75,11 +76,13 @@ def write_synthetic(
         )
     num_val = max(num_images // 10, num_classes) if num_val is None else num_val
     classes = [f"pattern{c}" for c in range(num_classes)]
-    return {
-        split: write_split(
-            out_dir, split, n, _SyntheticSample(split, num_classes, size, seed), classes,
-            max_count=max_count, num_procs=num_procs, source=f"synthetic:seed={seed},size={size}", progress=progress,
-        )
-        for split, n in (("train", num_images), ("val", num_val))
-        if n > 0
-    }  # fmt: skip
+    splits = [(split, n) for split, n in (("train", num_images), ("val", num_val)) if n > 0]
+    with StagedWrite(out_dir, [split for split, _ in splits]) as stage:
+        return {
+            split: write_split(
+                stage.dir, split, n, _SyntheticSample(split, num_classes, size, seed), classes,
+                max_count=max_count, num_procs=num_procs, source=f"synthetic:seed={seed},size={size}",
+                progress=progress,
+            )
+            for split, n in splits
+        }  # fmt: skip

@@ -1,13 +1,14 @@
 """Reading one shard as a stream of samples, keeping track of what a damaged shard loses.
 
-Opening uses webdataset's `gopen` (local files, `http(s)://` through curl, `pipe:` commands with exit-status
-checks) and file names are split into key and extension by webdataset's `base_plus_ext`, so keys match what
-`webdataset.WebDataset` would produce. Members come from our header reader (`tarformat`, several times faster
-than `tarfile` on small images). The grouping loop is ours too: webdataset's `tar_file_expander` hands a
-truncation error to its handler once per broken member *and* once per shard, and then merges the broken sample with
-the next shard's first one, which makes exact counts impossible. Here a reader yields every sample group it could
-read completely (a group may still lack a label: the decoder counts that with its key) and afterwards says how
-many groups it saw, whether the shard broke, and which sample was being read when it did.
+Opening uses webdataset's `gopen` (local files, `pipe:` commands with exit-status checks) and `remote.HttpShard` for
+`http(s)://` (a total time limit, which webdataset's curl lacks); file names are split into key and extension by
+webdataset's `base_plus_ext`, so keys match what `webdataset.WebDataset` would produce. Members come from our header
+reader (`tarformat`, several times faster than `tarfile` on small images). The grouping loop is ours too:
+webdataset's `tar_file_expander` hands a truncation error to its handler once per broken member *and* once per
+shard, and then merges the broken sample with the next shard's first one, which makes exact counts impossible. Here
+a reader yields every sample group it could read completely (a group may still lack a label: the decoder counts that
+with its key) and afterwards says how many groups it saw, whether the shard broke, and which sample was being read
+when it did.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import tarfile
 from collections.abc import Iterator
 
 from vimoe_dist.data.baddata import BadDataLog
+from vimoe_dist.data.remote import HttpShard, is_http
 from vimoe_dist.data.tarformat import iter_members
 
 META_PREFIX = "__"
+DEFAULT_HTTP_TIMEOUT_S = 600.0  # data.http_timeout_s
 
 
 class ShardReader:
@@ -29,8 +32,9 @@ class ShardReader:
     (the key of the sample lost when the shard broke, or None).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, http_timeout_s: float = DEFAULT_HTTP_TIMEOUT_S) -> None:
         self.url = url
+        self.http_timeout_s = http_timeout_s
         self.num_seen = 0
         self.error: str | None = None
         self.partial_key: str | None = None
@@ -43,7 +47,7 @@ class ShardReader:
         stream = None
         closed = False
         try:
-            stream = gopen(self.url, "rb")
+            stream = HttpShard(self.url, self.http_timeout_s) if is_http(self.url) else gopen(self.url, "rb")
             for name, data in iter_members(stream, f"in {self.url}"):
                 if name.startswith(META_PREFIX):
                     continue

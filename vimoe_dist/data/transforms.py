@@ -3,7 +3,10 @@ make augmentation reproducible.
 
 Training images go through timm's `create_transform` (random resized crop with `data.scale`, flip with
 `data.hflip`, optional RandAugment via `data.auto_augment`, as in DeiT / timm's train.py); evaluation uses its
-resize + center crop with `data.crop_pct`. Grayscale sources (the digits) become 3-channel when the model takes 3.
+resize + center crop with `data.crop_pct`. Grayscale sources (the digits, ImageNet's grayscale JPEGs) and CMYK
+JPEGs become RGB when the model takes 3 channels; the decoder reads the format from the bytes, not the name (ImageNet
+has a PNG named .JPEG). An image larger than `data.max_image_pixels` is a bad sample, refused from its header
+before decoding: PIL's own bomb check starts at 89 megapixels, and a few such images per batch exhaust a worker.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class SampleDecoder:
         self.transform = build_transform(cfg, training)
         self.mode = "RGB" if cfg.model.in_chans == 3 else "L"
         self.num_classes = cfg.model.num_classes
+        self.max_pixels = cfg.data.max_image_pixels
 
     def label(self, sample: dict) -> int:
         shard, key = sample.get("__url__", "?"), sample.get("__key__", "?")
@@ -86,8 +90,13 @@ class SampleDecoder:
         if raw is None:
             raise BadSample(shard, key, f"missing image (none of .{', .'.join(IMAGE_EXTS[:3])}, ...)")
         try:
-            with Image.open(io.BytesIO(raw)) as img:
+            with Image.open(io.BytesIO(raw)) as img:  # reads the header only
+                pixels = img.width * img.height
+                if pixels > self.max_pixels:  # before the decode: a small file can decode to gigabytes
+                    raise BadSample(shard, key, f"{img.width}x{img.height} pixels, over data.max_image_pixels")
                 return img.convert(self.mode)  # convert() forces the full decode: corrupt data fails here
+        except BadSample:
+            raise
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
             raise BadSample(shard, key, f"corrupt image ({type(e).__name__}: {str(e)[:80]})") from None
 

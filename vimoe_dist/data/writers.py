@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -66,6 +67,13 @@ def _write_shard_job(args: tuple[str, range, SampleFn]) -> tuple[int, int, dict[
     return write_shard(*args)
 
 
+def _worker_signals() -> None:
+    """Writer processes leave Ctrl-C to the parent (which stops the pool) and die of SIGTERM at once (a forked
+    worker would otherwise inherit the parent's handler and carry on with the next shard)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def write_split(
     out_dir: str | os.PathLike,
     split: str,
@@ -81,8 +89,11 @@ def write_split(
     progress: bool = True,
 ) -> Manifest:
     """Writes `DIR/<split>-%06d.tar` and `DIR/<split>.json`; `sample_fn(i)` returns a webdataset sample dict
-    (`__key__`, image bytes under its extension, `cls` as an int) and must be picklable when `num_procs > 1`."""
-    from tqdm import tqdm
+    (`__key__`, image bytes under its extension, `cls` as an int) and must be picklable when `num_procs > 1`.
+
+    Writes into `out_dir` itself: the public writers (digits, synthetic, from-folder) pass a `StagedWrite` folder,
+    so that the data set a user named is replaced only when complete."""
+    from vimoe_dist.data.progress import Progress
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,17 +102,22 @@ def write_split(
     plan = plan_shards(num_items, max_count, sizes, max_size)
     names = [SHARD_PATTERN.format(split=split) % i for i in range(len(plan))]
     jobs = [(str(out / name), items, sample_fn) for name, items in zip(names, plan)]
-    bar = tqdm(total=num_items, desc=f"{split} shards", unit="img", disable=not progress, leave=False)
+    bar = Progress(num_items, f"{split} shards", enabled=progress)
+    results = []
     if num_procs > 1 and len(jobs) > 1:
         # fork: the sample function and its data arrive without pickling; the parent holds no threads here
         ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=min(num_procs, len(jobs)), mp_context=ctx) as pool:
-            results = []
+        pool = ProcessPoolExecutor(max_workers=min(num_procs, len(jobs)), mp_context=ctx, initializer=_worker_signals)
+        try:
             for result in pool.map(_write_shard_job, jobs):
                 results.append(result)
                 bar.update(result[0])
+        except BaseException:
+            # Ctrl-C or SIGTERM: no new shard starts; the running ones end before the caller removes the folder
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
     else:
-        results = []
         for job in jobs:
             results.append(write_shard(*job))
             bar.update(results[-1][0])
