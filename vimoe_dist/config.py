@@ -579,6 +579,8 @@ BOUNDS: dict[str, Bound] = {
     "data.cutmix": Bound(0),
     "data.crop_pct": Bound(0, 1, low_open=True),
     "data.color_jitter": Bound(0),
+    "data.http_timeout_s": Bound(0, 7 * 86400, low_open=True),  # total time to read one http(s) shard
+    "data.max_image_pixels": Bound(1, 2**31),  # PIL refuses more than ~179 M pixels anyway
     "metrics.port": Bound(0, 65535),
     "metrics.push_timeout_s": Bound(0, 3600, low_open=True),
 }
