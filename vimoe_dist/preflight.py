@@ -3,9 +3,9 @@ and no model, so that `vimoe config show` can run them on a login node before an
 
 Today: the config's own validation (already done by `load_config`), `check_config` of the trainer (training shards
 configured, the pretrained file exists, fp16 only with CUDA), `check_layout` for the world size (ep_size, batch
-split, routing groups), and the data paths of both splits (`resolve_split`: shards exist, labels fit
-`model.num_classes`, sizes from the manifests). A new pre-build check (data manifests, devices, ...) belongs in
-`preflight`: `vimoe config show` then runs it with no further change.
+split, routing groups), and the data of both splits (`vimoe_dist.data.check_data`: shards exist and match their
+manifests, labels fit `model.num_classes`, the splits' class lists agree, sizes from the manifests). A new pre-build
+check (devices, ...) belongs in `preflight`: `vimoe config show` then runs it with no further change.
 """
 
 from __future__ import annotations
@@ -13,21 +13,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vimoe_dist.config import Config, check_layout
-
-
-@dataclass
-class SplitInfo:
-    """What the checks learnt about one split without reading its shards."""
-
-    num_shards: int
-    num_samples: int | None  # from the manifests; None when no manifest lists every shard
+from vimoe_dist.data.check import DataSummary, SplitSummary, check_data
 
 
 @dataclass
 class PreflightReport:
     world_size: int
-    train: SplitInfo
-    val: SplitInfo | None  # None: no data.val
+    data: DataSummary  # what the data checks learnt without reading a shard: sizes, class names, warnings
+
+    @property
+    def train(self) -> SplitSummary:
+        return self.data.train
+
+    @property
+    def val(self) -> SplitSummary | None:  # None: no data.val
+        return self.data.val
 
 
 def preflight(cfg: Config, world_size: int) -> PreflightReport:
@@ -40,14 +40,4 @@ def preflight(cfg: Config, world_size: int) -> PreflightReport:
 
     check_config(cfg)
     check_layout(cfg, world_size)
-    train = _split(cfg, "data.train")
-    val = _split(cfg, "data.val") if cfg.data.val else None
-    return PreflightReport(world_size=world_size, train=train, val=val)
-
-
-def _split(cfg: Config, key: str) -> SplitInfo:
-    # need_counts=False: sizes come from the manifests only; counting unlisted shards would read the whole split
-    from vimoe_dist.data.loader import resolve_split
-
-    urls, counts, _ = resolve_split(cfg, key, need_counts=False)
-    return SplitInfo(num_shards=len(urls), num_samples=sum(counts) if counts is not None else None)
+    return PreflightReport(world_size=world_size, data=check_data(cfg))
