@@ -16,7 +16,8 @@ import pytest
 from vimoe_dist.errors import UserError
 from vimoe_dist.launch.hostlist import expand_hostlist
 from vimoe_dist.launch.rendezvous import slurm_master_port
-from vimoe_dist.launch.sbatch import SlurmJob, default_template, render_sbatch
+from vimoe_dist.launch.resources import load_template
+from vimoe_dist.launch.sbatch import SlurmJob, render_sbatch
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -108,7 +109,7 @@ def test_sbatch_template_requeues_on_usr1_and_resumes(slurm_cluster, tmp_path):
     )
     (tmp_path / "logs").mkdir()
     script = tmp_path / "job.sbatch"
-    script.write_text(render_sbatch(job, default_template().read_text()))
+    script.write_text(render_sbatch(job, load_template()))
     job_id = slurm_cluster.submit(script)
     try:
         # signal mid-run, once the ranks are stepping (before, Python's default USR1 action would kill them)

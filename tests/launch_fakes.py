@@ -1,0 +1,106 @@
+"""Stand-ins for the cluster tools the launchers call, for tests that run rendered scripts and printed command lines
+under a real bash on a machine without Slurm, pdsh or ssh (the real ones run in tests/system/ on the test cluster).
+
+Each fake is a small bash script in a `bin` directory to put first on PATH. Every fake appends its argv (one
+argument per line, as JSON) to `LOG/<tool>.jsonl`, so a test can check that a value arrived as one intact argument:
+
+- `srun`: also records the environment it was given, then runs `$FAKE_SRUN_HOOK` (bash) if set; exits
+  `$FAKE_SRUN_EXIT` (0).
+- `scontrol`: `show hostnames` prints `node1`; anything else succeeds.
+- `sinfo`: prints `$FAKE_SINFO`.
+- `sbatch`: prints `$FAKE_SBATCH_OUT` (`4242;testcluster`) and exits `$FAKE_SBATCH_EXIT` (0).
+- `ssh`: succeeds (DeepSpeed's runner checks that the first host answers).
+- `pdsh`: what pdsh over ssh does: joins the remote command with spaces and runs it in a shell (bash) for each
+  host of `-w`, `%n` replaced by the host's index; the real interpreter's path in it is replaced by the fake
+  `python`, so the remote command is parsed by a real shell but starts nothing.
+- `python`: records argv and `$FAKE_ENV_NAMES` of its environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+_RECORD = 'printf "%s\\0" "$@" | "$FAKE_PY_REAL" -c \'{reader}\' >> "$FAKE_LOG/{tool}.jsonl"'
+_READER = "import json,sys; a=sys.stdin.buffer.read().split(bytes(1))[:-1]; print(json.dumps([x.decode() for x in a]))"
+
+SCRIPTS = {
+    "srun": """
+        {record}
+        "$FAKE_PY_REAL" -c 'import json,os; print(json.dumps(dict(os.environ)))' >> "$FAKE_LOG/srun.env.jsonl"
+        if [ -n "${FAKE_SRUN_HOOK:-}" ]; then bash -c "$FAKE_SRUN_HOOK"; fi
+        exit "${FAKE_SRUN_EXIT:-0}"
+    """,
+    "scontrol": """
+        {record}
+        if [ "$1" = show ] && [ "$2" = hostnames ]; then echo node1; fi
+    """,
+    "sinfo": """
+        {record}
+        printf '%s\\n' "${FAKE_SINFO:-}"
+    """,
+    "sbatch": """
+        {record}
+        echo "${FAKE_SBATCH_OUT-4242;testcluster}"
+        exit "${FAKE_SBATCH_EXIT:-0}"
+    """,
+    "ssh": """
+        {record}
+    """,
+    "pdsh": """
+        {record}
+        hosts=""
+        while [ $# -gt 0 ]; do
+            case "$1" in
+                -S) shift ;;
+                -f) shift 2 ;;
+                -w) hosts="$2"; shift 2 ;;
+                *) break ;;
+            esac
+        done
+        remote="$*"
+        remote="${remote//"$FAKE_PY_REAL"/"$FAKE_BIN/python"}"
+        i=0
+        for host in ${hosts//,/ }; do
+            bash -c "${remote//%n/$i}" || exit $?
+            i=$((i + 1))
+        done
+    """,
+    "python": """
+        {record}
+        for name in ${FAKE_ENV_NAMES:-}; do printf '%s=%s\\n' "$name" "${!name-<unset>}"; done >> "$FAKE_LOG/python.env"
+    """,
+}
+
+
+def make_fake_bin(root: Path) -> dict[str, str]:
+    """Writes the fakes under `root/bin` and returns the variables that put them first on PATH (to lay over an
+    environment: `{**os.environ, **make_fake_bin(root)}`)."""
+    bin_dir, log = root / "bin", root / "log"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    log.mkdir(exist_ok=True)
+    for tool, body in SCRIPTS.items():
+        record = _RECORD.format(reader=_READER, tool=tool)
+        text = "#!/bin/bash\n" + "\n".join(line[8:] for line in body.strip("\n").splitlines()) + "\n"
+        path = bin_dir / tool
+        path.write_text(text.replace("{record}", record))
+        path.chmod(0o755)
+    return {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_LOG": str(log),
+        "FAKE_BIN": str(bin_dir),
+        "FAKE_PY_REAL": sys.executable,
+    }
+
+
+def calls(root: Path, tool: str) -> list[list[str]]:
+    """The argv of every call of `tool`, in order."""
+    path = root / "log" / f"{tool}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def srun_envs(root: Path) -> list[dict[str, str]]:
+    path = root / "log" / "srun.env.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
