@@ -1,11 +1,12 @@
 """Stand-ins for the cluster tools the launchers call, for tests that run rendered scripts and printed command lines
 under a real bash on a machine without Slurm, pdsh or ssh (the real ones run in tests/system/ on the test cluster).
 
-Each fake is a small bash script in a `bin` directory to put first on PATH. Every fake appends its argv (one
-argument per line, as JSON) to `LOG/<tool>.jsonl`, so a test can check that a value arrived as one intact argument:
+Each fake is a small bash script in a `bin` directory to put first on PATH. Every fake appends its argv to
+`LOG/<tool>.args` (the count, then each argument, NUL-terminated: any other byte may be in an argument), so a test
+can check that a value arrived as one intact argument:
 
-- `srun`: also records the environment it was given, then runs `$FAKE_SRUN_HOOK` (bash) if set; exits
-  `$FAKE_SRUN_EXIT` (0).
+- `srun`: also writes the environment it was given to `LOG/srun.env` (`env -0`), then runs `$FAKE_SRUN_HOOK`
+  (bash) if set; exits `$FAKE_SRUN_EXIT` (0).
 - `scontrol`: `show hostnames` prints `node1`; anything else succeeds.
 - `sinfo`: prints `$FAKE_SINFO`.
 - `sbatch`: prints `$FAKE_SBATCH_OUT` (`4242;testcluster`) and exits `$FAKE_SBATCH_EXIT` (0).
@@ -18,18 +19,16 @@ argument per line, as JSON) to `LOG/<tool>.jsonl`, so a test can check that a va
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
-_RECORD = 'printf "%s\\0" "$@" | "$FAKE_PY_REAL" -c \'{reader}\' >> "$FAKE_LOG/{tool}.jsonl"'
-_READER = "import json,sys; a=sys.stdin.buffer.read().split(bytes(1))[:-1]; print(json.dumps([x.decode() for x in a]))"
+_RECORD = 'printf "%s\\0" "$#" "$@" >> "$FAKE_LOG/{tool}.args"'
 
 SCRIPTS = {
     "srun": """
         {record}
-        "$FAKE_PY_REAL" -c 'import json,os; print(json.dumps(dict(os.environ)))' >> "$FAKE_LOG/srun.env.jsonl"
+        env -0 > "$FAKE_LOG/srun.env"
         if [ -n "${FAKE_SRUN_HOOK:-}" ]; then bash -c "$FAKE_SRUN_HOOK"; fi
         exit "${FAKE_SRUN_EXIT:-0}"
     """,
@@ -82,7 +81,7 @@ def make_fake_bin(root: Path) -> dict[str, str]:
     bin_dir.mkdir(parents=True, exist_ok=True)
     log.mkdir(exist_ok=True)
     for tool, body in SCRIPTS.items():
-        record = _RECORD.format(reader=_READER, tool=tool)
+        record = _RECORD.format(tool=tool)
         text = "#!/bin/bash\n" + "\n".join(line[8:] for line in body.strip("\n").splitlines()) + "\n"
         path = bin_dir / tool
         path.write_text(text.replace("{record}", record))
@@ -97,10 +96,19 @@ def make_fake_bin(root: Path) -> dict[str, str]:
 
 def calls(root: Path, tool: str) -> list[list[str]]:
     """The argv of every call of `tool`, in order."""
-    path = root / "log" / f"{tool}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    path = root / "log" / f"{tool}.args"
+    if not path.exists():
+        return []
+    fields = path.read_bytes().decode(errors="surrogateescape").split("\0")[:-1]
+    out, i = [], 0
+    while i < len(fields):
+        count = int(fields[i])
+        out.append(fields[i + 1 : i + 1 + count])
+        i += 1 + count
+    return out
 
 
-def srun_envs(root: Path) -> list[dict[str, str]]:
-    path = root / "log" / "srun.env.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def srun_env(root: Path) -> dict[str, str]:
+    """The environment of the last srun call."""
+    entries = (root / "log" / "srun.env").read_bytes().decode(errors="surrogateescape").split("\0")[:-1]
+    return dict(entry.split("=", 1) for entry in entries)

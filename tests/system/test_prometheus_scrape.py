@@ -1,8 +1,8 @@
 """A real Prometheus server (Debian's `prometheus` package) scrapes vimoe ranks; a real Pushgateway receives pushes.
 
-Prometheus runs on loopback with the `vimoe` job of `vimoe_dist/launch/monitoring/prometheus.yml` (scrape interval cut to
-1 s), the targets file written by `python -m vimoe_dist.metrics.targets` for one node with two local ranks, and the
-rules of `vimoe_dist/launch/monitoring/alerts.yml`. The tests then ask Prometheus's HTTP API what it scraped:
+Prometheus runs on loopback with the `vimoe` job of `vimoe_dist/launch/monitoring/prometheus.yml` (scrape interval
+cut to 1 s), the targets file written by `python -m vimoe_dist.metrics.targets` for one node with two local ranks,
+and the rules of `vimoe_dist/launch/monitoring/alerts.yml`. The tests then ask Prometheus's HTTP API what it scraped:
 `vimoe_train_images_total` rising for both ranks, `vimoe_moe_tokens_total` for every layer and expert, every
 target up, every alert rule healthy, and every query of the Grafana dashboard valid.
 
@@ -216,7 +216,8 @@ def wait_until(predicate, timeout: float, what: str, proc: Process | None = None
 
 
 def start_prometheus(binaries, start, tmp_path: Path, metrics_port: int, num_ranks: int) -> int:
-    """Prometheus with the `vimoe` job of vimoe_dist/launch/monitoring/prometheus.yml over a targets file for one node."""
+    """Prometheus with the `vimoe` job of vimoe_dist/launch/monitoring/prometheus.yml over a targets file for one
+    node."""
     targets_dir = tmp_path / "targets"
     env = {**os.environ, "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_TASKS_PER_NODE": str(num_ranks)}
     env["SLURM_JOB_ID"] = "4242"

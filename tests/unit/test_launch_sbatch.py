@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_fakes import calls, make_fake_bin, srun_envs
+from launch_fakes import calls, make_fake_bin, srun_env
 
 from vimoe_dist.cli import main
 from vimoe_dist.errors import UserError
@@ -223,14 +223,14 @@ def test_nccl_warn_by_default_and_the_sites_network_variables_reach_the_ranks(co
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "FI_", "UCX_"))}
     root = tmp_path / "fakes"
     subprocess.run(["bash", "-c", script], env={**clean, **make_fake_bin(root), **SLURM_ENV}, check=True, timeout=60)
-    ranks = srun_envs(root)[-1]
+    ranks = srun_env(root)
     assert ranks["NCCL_DEBUG"] == "WARN" and ranks["NCCL_IB_HCA"] == "mlx5_0:1,mlx5_1:1"
     assert ranks["FI_PROVIDER"] == "efa" and ranks["UCX_TLS"] == "rc x"
     assert ranks["OMP_NUM_THREADS"] == "2" and ranks["MASTER_ADDR"] == "node1"
     # the job's environment has its own (the compute nodes' site settings): they win
     site = {**clean, "NCCL_IB_HCA": "mlx5_2", "NCCL_DEBUG": "INFO"}
     subprocess.run(["bash", "-c", script], env={**site, **make_fake_bin(root), **SLURM_ENV}, check=True, timeout=60)
-    ranks = srun_envs(root)[-1]
+    ranks = srun_env(root)
     assert ranks["NCCL_IB_HCA"] == "mlx5_2" and ranks["NCCL_DEBUG"] == "INFO"
 
 
@@ -239,7 +239,7 @@ def test_env_by_name_writes_no_value_into_the_script(config, tmp_path, capsys, m
     code, script, err = run_cli(["launch", "slurm", "--env", "WANDB_API_KEY", "--config", str(config)], capsys)
     assert code == 0 and "s3cret" not in script + err and "export WANDB_API_KEY\n" not in script
     result, root = run_script(script, tmp_path, WANDB_API_KEY="from-the-job")
-    assert result.returncode == 0 and srun_envs(root)[-1]["WANDB_API_KEY"] == "from-the-job"
+    assert result.returncode == 0 and srun_env(root)["WANDB_API_KEY"] == "from-the-job"
     monkeypatch.delenv("WANDB_API_KEY")
     code, _, err = run_cli(["launch", "slurm", "--env", "WANDB_API_KEY", "--config", str(config)], capsys)
     assert code == 2 and "WANDB_API_KEY: not set" in err

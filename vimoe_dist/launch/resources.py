@@ -46,7 +46,7 @@ def load_template(name_or_path: str | None = None) -> str:
     Raises:
         UserError: a name that is not shipped, or a file that cannot be read.
     """
-    name_or_path = name_or_path or DEFAULT_TEMPLATE
+    name_or_path = one_line("--template", name_or_path or DEFAULT_TEMPLATE)
     shipped = name_or_path.removesuffix(TEMPLATE_SUFFIX)
     if shipped in template_names():
         return _package_dir("templates").joinpath(shipped + TEMPLATE_SUFFIX).read_text()

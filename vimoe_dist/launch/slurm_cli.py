@@ -156,6 +156,12 @@ def _slurm(args: argparse.Namespace) -> int:
         cfg, job.nodes * job.num_tasks_per_node, f"--nodes {job.nodes} x {job.num_tasks_per_node} ranks per node"
     )
     _check_cores(job, args.partition)
+    if sd_dir is not None and cfg.metrics.addr in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"# warning: metrics.addr={cfg.metrics.addr}: a Prometheus on another host cannot scrape the ranks; "
+            "set metrics.addr=0.0.0.0 on a network you trust (the endpoint has no authentication)",
+            file=sys.stderr,
+        )
     if not args.submit:
         print(script, end="")
         return 0
@@ -190,12 +196,6 @@ def _prometheus_sd_dir(value: str | None, cfg, workdir: Path) -> str | None:
         return None
     if cfg.metrics.port == 0:
         raise UserError("--prometheus-sd-dir: metrics.port is 0, so the ranks serve no metrics (set metrics.port)")
-    if cfg.metrics.addr in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"# warning: metrics.addr={cfg.metrics.addr}: a Prometheus on another host cannot scrape the ranks; "
-            "set metrics.addr=0.0.0.0 on a network you trust (the endpoint has no authentication)",
-            file=sys.stderr,
-        )
     path = Path(value)
     return str(path if path.is_absolute() else workdir / path)
 
