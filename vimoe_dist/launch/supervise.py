@@ -135,9 +135,10 @@ def _kill(pid: int, sig: int) -> None:
 
 
 def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, nearest first."""
     out, todo = [], [pid]
     while todo:
-        kids = children(todo.pop())
+        kids = children(todo.pop(0))
         out += kids
         todo += kids
     return out
