@@ -9,7 +9,8 @@ can check that a value arrived as one intact argument:
   (bash) if set; exits `$FAKE_SRUN_EXIT` (0).
 - `scontrol`: `show hostnames` prints `node1`; anything else succeeds.
 - `sinfo`: prints `$FAKE_SINFO`.
-- `sbatch`: prints `$FAKE_SBATCH_OUT` (`4242;testcluster`) and exits `$FAKE_SBATCH_EXIT` (0).
+- `sbatch`: prints `$FAKE_SBATCH_OUT` (`4242;testcluster`), sleeps `$FAKE_SBATCH_SLEEP` seconds (0: a job that
+  `--wait` waits for) and exits `$FAKE_SBATCH_EXIT` (0).
 - `ssh`: succeeds (DeepSpeed's runner checks that the first host answers).
 - `pdsh`: what pdsh over ssh does: joins the remote command with spaces and runs it in a shell (bash) for each
   host of `-w`, `%n` replaced by the host's index; the real interpreter's path in it is replaced by the fake
@@ -43,6 +44,9 @@ SCRIPTS = {
     "sbatch": """
         {record}
         echo "${FAKE_SBATCH_OUT-4242;testcluster}"
+        trap 'kill "$!"; exit 143' TERM
+        sleep "${FAKE_SBATCH_SLEEP:-0}" &
+        wait "$!"
         exit "${FAKE_SBATCH_EXIT:-0}"
     """,
     "ssh": """

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -278,10 +280,23 @@ def test_templates_are_named_or_given_as_files(config, tmp_path, capsys):
         assert code == 2 and out == "" and err.count("\n") == 1 and bad in err
 
 
-def test_the_package_reads_its_template_without_the_checkout(tmp_path):
-    """Through importlib.resources: the package's own copy, not launcher/ of a checkout."""
-    assert not (REPO / "launcher" / "slurm" / "vimoe.sbatch.tmpl").exists()
-    assert "{{directives}}" in load_template() and load_template() == load_template("vimoe.sbatch.tmpl")
+def test_a_copy_of_the_package_outside_the_checkout_renders_and_writes_its_files(tmp_path):
+    """The templates and monitoring files are read through importlib.resources from the package itself (as from an
+    installed wheel), not from launcher/ of a checkout: a copy of vimoe_dist alone, run elsewhere, has them."""
+    shutil.copytree(REPO / "vimoe_dist", tmp_path / "site" / "vimoe_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "c.yaml").write_text("train:\n  steps: 5\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True)
+
+    assert run("-c", "import vimoe_dist; print(vimoe_dist.__file__)").stdout.startswith(str(tmp_path / "site"))
+    result = run("-m", "vimoe_dist", "launch", "slurm", "--print", "--config", "c.yaml")
+    assert result.returncode == 0 and result.stdout.startswith("#!/bin/bash"), result.stderr
+    result = run("-m", "vimoe_dist", "launch", "monitoring", "--out", "mon")
+    assert result.returncode == 0 and (elsewhere / "mon" / "alerts.yml").is_file(), result.stderr
 
 
 # ---- the Prometheus targets link ---------------------------------------------------------------------------
@@ -364,6 +379,22 @@ def test_submit_writes_a_private_script_and_reads_the_job_id(config, tmp_path, c
     monkeypatch.setenv("PATH", "/nonexistent")
     code, out, err = run_cli(["launch", "slurm", "--submit", "--config", str(config)], capsys)
     assert code == 2 and "sbatch not found" in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_waiting_for_the_job_is_one_line_and_leaves_the_job(config, tmp_path):
+    env = {**os.environ, **make_fake_bin(tmp_path / "fakes"), "FAKE_SBATCH_SLEEP": "60", "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "vimoe_dist", "launch", "slurm", "--submit", "--wait", "--config", str(config)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("sbatch --parsable --wait ")
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err == "vimoe: stopped waiting for sbatch: job 4242 keeps running (scancel 4242 stops it)\n"
 
 
 def test_slurm_print_and_submit_dry_run_write_nothing(config, tmp_path, capsys):

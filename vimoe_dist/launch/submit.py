@@ -69,23 +69,41 @@ def submit(script: str, path: Path, *, wait: bool = False, make_dirs: Sequence[P
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     except FileNotFoundError:
         raise UserError("sbatch not found: submit from a Slurm login node, or print the script instead") from None
-    try:
-        out, _ = proc.communicate(timeout=None if wait else SBATCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise UserError(f"sbatch did not answer within {SBATCH_TIMEOUT_S:.0f} s (is slurmctld up?)") from None
-    except KeyboardInterrupt:
-        proc.terminate()
-        out, _ = proc.communicate()
-        job = _maybe_job_id(out)
-        where = f"job {job} keeps running (scancel {job} stops it)" if job else "the job, if submitted, keeps running"
-        sys.stderr.write(f"vimoe: stopped waiting for sbatch: {where}\n")
-        raise SystemExit(130) from None
+    if wait:
+        out = _wait_for_job(proc)
+    else:
+        try:
+            out, _ = proc.communicate(timeout=SBATCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise UserError(f"sbatch did not answer within {SBATCH_TIMEOUT_S:.0f} s (is slurmctld up?)") from None
     job_id = _maybe_job_id(out)
     if proc.returncode == 0 and job_id is None:
         parse_job_id(out)  # raises with what sbatch printed
     return Submitted(job_id, proc.returncode, path)
+
+
+def _wait_for_job(proc: subprocess.Popen) -> str:
+    """`sbatch --parsable --wait`: the job id comes at submission, the exit at the job's end. Ctrl-C stops the
+    waiting (sbatch is ended), not the job, and says so in one line."""
+    out = ""
+    try:
+        out = proc.stdout.readline()
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        job = _maybe_job_id(out)
+        where = f"job {job} keeps running (scancel {job} stops it)" if job else "the job, if submitted, keeps running"
+        sys.stderr.write(f"vimoe: stopped waiting for sbatch: {where}\n")
+        raise SystemExit(130) from None
+    finally:
+        proc.stdout.close()
+    return out
 
 
 def _maybe_job_id(out: str | None) -> int | None:
