@@ -87,6 +87,7 @@ def test_a_stop_signal_reaches_every_rank_once_and_launch_ends_with_one_line(fak
     assert proc.returncode == 128 + sig, err
     assert "Traceback" not in out + err, err
     assert err.strip().splitlines()[-1].startswith(f"vimoe launch: stopped by {signal.Signals(sig).name}: "), err
+    assert err.count("vimoe launch:") == 1, err
     # exactly one stop signal each: a second would cut a checkpoint short
     signals = [p.read_text().split() for p in sorted(ranks_dir.glob("*.signals"))]
     assert len(signals) == 2 and all(len(s) == 1 for s in signals), signals
@@ -120,7 +121,7 @@ def test_a_launcher_that_does_not_stop_is_killed_after_the_grace_or_a_second_sig
     first = signal.Signals(signals[0])
     assert proc.returncode == 128 + first and time.monotonic() - started < bound
     assert err.decode().splitlines() == [
-        f"vimoe launch: stopped by {first.name}: passed it to stubborn, which was killed by SIGKILL (status -9)"
+        f"vimoe launch: stopped by {first.name}: told stubborn to stop, and it was killed by SIGKILL (status -9)"
     ]
 
 

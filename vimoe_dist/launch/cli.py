@@ -18,6 +18,7 @@ import argparse
 import os
 import shlex
 import sys
+from functools import partial
 
 from vimoe_dist.errors import UserError
 
@@ -127,7 +128,7 @@ def _local(args: argparse.Namespace) -> int:
         if args.max_restarts:
             raise UserError("--max-restarts needs --launcher torchrun (the deepspeed launcher does not restart ranks)")
         cmd = build_deepspeed_local(python, args.nproc, args.config, args.overrides, master_port=args.master_port)
-        targets = lambda runner: deepspeed_targets(runner, "local")  # noqa: E731
+        targets = partial(deepspeed_targets, backend="local")
     check_world(cfg, args.nproc, f"--nproc {args.nproc}")  # after the builders checked that it is positive
     return _run(cmd, args.dry_run, name=args.launcher, targets=targets)
 
@@ -183,7 +184,7 @@ def _hostfile(args: argparse.Namespace) -> int:
         args.dry_run,
         name="deepspeed",
         env={**os.environ, **env},
-        targets=lambda runner: deepspeed_targets(runner, "local" if args.no_ssh else args.backend),
+        targets=partial(deepspeed_targets, backend="local" if args.no_ssh else args.backend),
     )
 
 

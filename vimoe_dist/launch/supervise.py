@@ -4,7 +4,8 @@ Why not exec the launcher: Ctrl-C sends SIGINT to the whole foreground process g
 (which has no handler when it launches locally) died with a KeyboardInterrupt traceback, and every rank got SIGINT
 from the terminal and a SIGTERM from `deepspeed.launcher.launch` right after, two stop signals where the trainer
 expects one. Here the launcher runs in its own session, out of reach of the terminal, and a stop signal is passed
-on once, to the process that stops the ranks cleanly:
+on once, as SIGTERM (every launcher and the trainer read it as "checkpoint and stop", and it ends a Python process
+that has no handler yet without a traceback), to the process that stops the ranks cleanly:
 
 - `deepspeed.launcher.launch` (the runner's child when it starts the ranks on this node): it sends SIGTERM to
   every rank, waits 30 s for the checkpoint, then SIGKILL, and exits 1;
@@ -105,9 +106,8 @@ def run_supervised(
                 pass
             if len(stopped) > forwarded:
                 if forwarded == 0:
-                    sig = stopped[0]
-                    for pid in (targets or (lambda child: [child]))(proc.pid):
-                        _kill(pid, sig)
+                    for pid in targets(proc.pid) if targets else [proc.pid]:
+                        _kill(pid, signal.SIGTERM)
                     deadline = time.monotonic() + grace_s
                     forwarded = 1
                 else:  # a second stop signal: no more waiting
@@ -123,7 +123,7 @@ def run_supervised(
     if stopped:
         sig = signal.Signals(stopped[0])
         how = "exited" if code >= 0 else f"was killed by {signal.Signals(-code).name}"
-        sys.stderr.write(f"vimoe launch: stopped by {sig.name}: passed it to {name}, which {how} (status {code})\n")
+        sys.stderr.write(f"vimoe launch: stopped by {sig.name}: told {name} to stop, and it {how} (status {code})\n")
         sys.stderr.flush()
         return 128 + sig.value
     return code if code >= 0 else 128 - code

@@ -2,14 +2,14 @@
 
 On SIGINT or SIGTERM torchrun's agent sends the same signal to its workers, waits for them (30 s, then SIGKILL),
 and then raises `SignalException` out of its `main`, which Python prints as a 30-line traceback. This module runs
-torchrun's own `main` and turns that exception into the exit status a shell expects from a signal.
+torchrun's own `main` and turns that exception into the exit status a shell expects from a signal, silently:
+`vimoe launch`, which sent the signal, says what happened in one line.
 
     python -m vimoe_dist.launch.torchrun --standalone --nproc-per-node=2 -m vimoe_dist train --config ...
 """
 
 from __future__ import annotations
 
-import signal
 import sys
 
 
@@ -20,8 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torchrun_main(sys.argv[1:] if argv is None else argv)
     except SignalException as e:
-        name = signal.Signals(e.sigval).name
-        sys.stderr.write(f"torchrun: stopped by {name}; the workers were sent {name} and have exited\n")
         return 128 + int(e.sigval)
     return 0
 
