@@ -268,8 +268,8 @@ def test_pdsh_launch_puts_no_user_value_through_the_remote_shell(setup, tmp_path
     values = [hostile(p, marker) for p in PAYLOADS]
     values = [v for v in values if "\n" not in v and "\x00" not in v]
     overrides = [f"metrics.job={v}" for v in values[:1]] + ["data.train=/d/train-{000000..000009}.tar"]
-    # NCCL_*: DeepSpeed would export these through the remote shell if they were in its environment
-    env_args = [f"--env=NCCL_V{i}={v}" for i, v in enumerate(values)]
+    # MLFLOW_*: DeepSpeed would export these through the remote shell if they were in its environment
+    env_args = [f"--env=MLFLOW_V{i}={v}" for i, v in enumerate(values)]
     argv = [sys.executable, "-m", "vimoe_dist", "launch", "hostfile", "--hostfile", str(hostfile), "--master-addr",
             "node1", "--master-port", "29561", *env_args, "--config", str(config), *overrides]  # fmt: skip
     result = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -284,7 +284,7 @@ def test_pdsh_launch_puts_no_user_value_through_the_remote_shell(setup, tmp_path
     assert sorted(a for r in remote for a in r if a.startswith("--node_rank=")) == ["--node_rank=0", "--node_rank=1"]
     job = json.loads(Path(job_file).read_text())
     assert job["argv"] == ["train", "--config", str(config), *overrides]
-    assert job["env"] == {f"NCCL_V{i}": v for i, v in enumerate(values)}
+    assert job["env"] == {f"MLFLOW_V{i}": v for i, v in enumerate(values)}
 
 
 def test_values_deepspeed_would_pass_through_the_remote_shell_are_refused(setup, tmp_path, capsys, monkeypatch):

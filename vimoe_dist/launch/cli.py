@@ -169,8 +169,11 @@ def _hostfile(args: argparse.Namespace) -> int:
         slots = list(hosts.values())[: args.num_nodes or len(hosts)]
         world = sum(min(n, args.num_gpus or n) for n in slots)
         check_world(cfg, world, f"{world} ranks: the slots of {args.hostfile}")
+    # --no-ssh: this node's ranks inherit the variables from the runner. Otherwise they travel in the job file only:
+    # in the runner's environment, DeepSpeed would forward an NCCL_*/PYTHON*/UCX_* one through the remote shell
+    runner_env = {**os.environ, **env} if args.no_ssh else dict(os.environ)
     if args.backend == "pdsh" and not args.no_ssh:
-        check_runner_environment(os.environ, os.getcwd())
+        check_runner_environment(runner_env, os.getcwd())
     print(f"# hostfile {args.hostfile}: {len(hosts)} hosts, {sum(hosts.values())} slots", file=sys.stderr)
     if job_file is not None:
         argv = train_args(args.config, args.overrides)
@@ -183,7 +186,7 @@ def _hostfile(args: argparse.Namespace) -> int:
         cmd,
         args.dry_run,
         name="deepspeed",
-        env={**os.environ, **env},
+        env=runner_env,
         targets=partial(deepspeed_targets, backend="local" if args.no_ssh else args.backend),
     )
 
