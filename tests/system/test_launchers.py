@@ -6,6 +6,7 @@ the two nodes of the test Slurm cluster's network namespaces (conftest.py), one 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -16,14 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from vimoe_dist.launch.supervise import descendants
+
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[2] / "launcher" / "dev" / "slurm-cluster.sh"
 
 
 class Started:
-    """A command started in its own session with its output in a log file, so a failed test can end the whole
-    process tree (launcher, agent, ranks) with one killpg."""
+    """A command started in its own session with its output in a log file; a failed test ends the whole process
+    tree (`vimoe launch`, the launcher in its own session, agent, ranks)."""
 
     def __init__(self, argv: list[str], log: Path) -> None:
         self.log = log
@@ -31,9 +34,13 @@ class Started:
             self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self) -> None:
+        tree = descendants(self.proc.pid)
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
 
     def finish(self, timeout: float = 600) -> tuple[int, str]:
         try:
@@ -52,7 +59,7 @@ def launch(digits, out: Path, launcher: str, steps: int, checkpoint_every: int, 
 
 
 @pytest.mark.parametrize(
-    ("launcher", "module"), [("deepspeed", "deepspeed.launcher.runner"), ("torchrun", "torch.distributed.run")]
+    ("launcher", "module"), [("deepspeed", "deepspeed.launcher.runner"), ("torchrun", "vimoe_dist.launch.torchrun")]
 )
 def test_local_launcher_trains_digits(digits, tmp_path, launcher, module):
     out = tmp_path / "run"
@@ -63,18 +70,15 @@ def test_local_launcher_trains_digits(digits, tmp_path, launcher, module):
     assert digits.steps(out)[-1] == 6 and digits.eval_result(out)["images"] > 0, log
 
 
-def rank_pid(agent: int, rank: int) -> int | None:
-    """The pid of worker `rank` among the children of torchrun's agent (read from /proc, Linux)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+def rank_pid(launch: int, rank: int) -> int | None:
+    """The pid of worker `rank` among the descendants of `vimoe launch` (read from /proc, Linux)."""
+    for pid in descendants(launch):
         try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
+            environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
             continue
-        if ppid == agent and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
+        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b" ".join(environ):
+            return pid
     return None
 
 
@@ -87,7 +91,7 @@ def test_torchrun_restarts_after_kill_9_and_resumes(digits, tmp_path):
         while not any(s > every + 1 for s in digits.steps(out)):  # past the first periodic checkpoint
             assert run.proc.poll() is None and time.monotonic() < deadline, "the run did not get going"
             time.sleep(0.5)
-        victim = rank_pid(run.proc.pid, rank=1)  # `vimoe launch` exec'd itself into the torchrun agent
+        victim = rank_pid(run.proc.pid, rank=1)  # `vimoe launch` -> torchrun agent -> workers
         assert victim is not None, "no worker with RANK=1 under the torchrun agent"
         os.kill(victim, signal.SIGKILL)
         killed_at = max(digits.steps(out))
@@ -128,6 +132,7 @@ def test_hostfile_no_ssh_across_two_nodes(slurm_cluster, digits, tmp_path):
     log = "\n".join(text for _, text in results)
     assert [code for code, _ in results] == [0, 0], log
     printed = next(line for line in results[1][1].splitlines() if "deepspeed.launcher.runner" in line)
-    assert printed.startswith("env VIMOE_NODE_CHECK=1 ") and "--no_ssh --node_rank=1" in printed, log
+    assert "--no_ssh --node_rank=1" in printed, log
+    assert "(values not shown): VIMOE_NODE_CHECK" in results[1][1] and "VIMOE_NODE_CHECK=1" not in log, log
     assert "nnodes=2, num_local_procs=1, node_rank=1" in results[1][1], log
     assert digits.steps(out)[-1] == 6 and digits.eval_result(out)["images"] > 0, log

@@ -1,9 +1,9 @@
 """A real Prometheus server (Debian's `prometheus` package) scrapes vimoe ranks; a real Pushgateway receives pushes.
 
-Prometheus runs on loopback with the `vimoe` job of `launcher/monitoring/prometheus.yml` (scrape interval cut to
-1 s), the targets files the ranks publish (`RUN_DIR/prometheus_targets.json`; for the trainer, which does not
+Prometheus runs on loopback with the `vimoe` job of `vimoe_dist/launch/monitoring/prometheus.yml` (scrape interval
+cut to 1 s), the targets files the ranks publish (`RUN_DIR/prometheus_targets.json`; for the trainer, which does not
 publish yet, the one `python -m vimoe_dist.metrics.targets` writes for one node with two local ranks), and the
-rules of `launcher/monitoring/alerts.yml`. The tests then ask Prometheus's HTTP API what it scraped:
+rules of `vimoe_dist/launch/monitoring/alerts.yml`. The tests then ask Prometheus's HTTP API what it scraped:
 `vimoe_train_images_total` rising for both ranks, `vimoe_moe_tokens_total` for every layer and expert, every
 target up, every alert rule healthy, and every query of the Grafana dashboard valid.
 
@@ -49,7 +49,7 @@ from vimoe_dist.metrics.targets import publish_targets
 pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[2]
-MONITORING = REPO / "launcher" / "monitoring"
+MONITORING = REPO / "vimoe_dist" / "launch" / "monitoring"
 PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus", "prometheus-pushgateway": "prometheus-pushgateway"}
 
 
@@ -230,7 +230,7 @@ def slurm_targets_file(tmp_path: Path, metrics_port: int, num_ranks: int) -> Pat
 
 
 def start_prometheus(binaries, start, tmp_path: Path, target_files: list[Path]) -> int:
-    """Prometheus with the `vimoe` job of launcher/monitoring/prometheus.yml over the given targets files."""
+    """Prometheus with the `vimoe` job of vimoe_dist/launch/monitoring/prometheus.yml over the given targets files."""
     example = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     (job,) = [j for j in example["scrape_configs"] if j["job_name"] == "vimoe"]
     job.update(scrape_interval="1s", scrape_timeout="1s")

@@ -16,7 +16,8 @@ import pytest
 from vimoe_dist.errors import UserError
 from vimoe_dist.launch.hostlist import expand_hostlist
 from vimoe_dist.launch.rendezvous import slurm_master_port
-from vimoe_dist.launch.sbatch import SlurmJob, default_template, render_sbatch
+from vimoe_dist.launch.resources import load_template
+from vimoe_dist.launch.sbatch import SlurmJob, render_sbatch
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -108,7 +109,7 @@ def test_sbatch_template_requeues_on_usr1_and_resumes(slurm_cluster, tmp_path):
     )
     (tmp_path / "logs").mkdir()
     script = tmp_path / "job.sbatch"
-    script.write_text(render_sbatch(job, default_template().read_text()))
+    script.write_text(render_sbatch(job, load_template()))
     job_id = slurm_cluster.submit(script)
     try:
         # signal mid-run, once the ranks are stepping (before, Python's default USR1 action would kill them)
@@ -128,3 +129,41 @@ def test_sbatch_template_requeues_on_usr1_and_resumes(slurm_cluster, tmp_path):
     assert {r["start"] for r in second} == {first[0]["end"]} and {r["end"] for r in second} == {24}, log
     assert {r["master"] for r in records} == {f"vn1:{slurm_master_port(job_id)}"}
     assert "requeueing job" in log
+
+
+def test_quoted_values_and_the_prometheus_link_on_a_real_cluster(slurm_cluster, tmp_path):
+    """sbatch reads quoted #SBATCH values back (a log directory with a space, '#' and '%'), srun passes the job's
+    environment on (a value that would run a command stays data), and the job links this run's Prometheus targets
+    into the file_sd directory while it runs and removes the link when it ends."""
+    run_dir, sd_dir, log_dir = tmp_path / "run", tmp_path / "sd", tmp_path / "logs a#b%c"
+    for directory in (run_dir, sd_dir, log_dir):
+        directory.mkdir()
+    marker = tmp_path / "MARK"
+    rank = (
+        'echo "[]" > "$RUN/t.json" && mv "$RUN/t.json" "$RUN/prometheus_targets.json"; '
+        'for i in $(seq 60); do [ -L "$SD/$SLURM_JOB_ID.json" ] && { echo "linked, X=$X"; exit 0; }; sleep 1; done; '
+        "exit 3"
+    )
+    job = SlurmJob(
+        command=["bash", "-c", rank],
+        log_dir=str(log_dir),
+        workdir=str(tmp_path),
+        job_name="prom-link",
+        time="5",
+        signal_grace=60,
+        env=[f"RUN={run_dir}", f"SD={sd_dir}", f"X=$(touch {marker})"],
+        run_dir=str(run_dir),
+        prometheus_sd_dir=str(sd_dir),
+    )
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(job, load_template()))
+    job_id = slurm_cluster.submit(script)
+    try:
+        info = slurm_cluster.wait(job_id, timeout=180)
+    finally:
+        slurm_cluster.cancel(job_id)
+    log_file = log_dir / f"prom-link-{job_id}.out"
+    log = log_file.read_text() if log_file.exists() else slurm_cluster.logs(log_dir)
+    assert info["JobState"] == "COMPLETED" and log_file.exists(), (info, log)
+    assert f"linked, X=$(touch {marker})" in log and not marker.exists(), log
+    assert not (sd_dir / f"{job_id}.json").is_symlink()  # gone with the job

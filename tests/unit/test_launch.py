@@ -1,13 +1,17 @@
-"""`vimoe launch`: the command lines it prints, the hostfile parser and the sbatch script it renders.
+"""`vimoe launch local|hostfile`: the command lines it prints, the hostfile parser and the job file of a multi-node
+launch. (The sbatch script: test_launch_sbatch.py; hostile values: test_launch_injection.py; signals:
+test_launch_signals.py.)
 
-The launchers themselves run for real in tests/system/test_launchers.py and the sbatch script on a real Slurm
-cluster in tests/system/test_slurm_*.py; here the printed command lines are fed to the real argument parsers of
-torchrun and the deepspeed launcher, and the rendered script to `bash -n`.
+The launchers themselves run for real in tests/system/test_launchers.py; here the printed command lines are fed to
+the real argument parsers of torchrun and the deepspeed launcher.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +20,9 @@ import pytest
 
 from vimoe_dist.cli import main
 from vimoe_dist.errors import UserError
-from vimoe_dist.launch.cmdline import build_deepspeed_hostfile, build_deepspeed_local, build_torchrun, train_argv
+from vimoe_dist.launch import jobspec
+from vimoe_dist.launch.cmdline import build_deepspeed_hostfile, build_deepspeed_local, build_torchrun
 from vimoe_dist.launch.hostfile import parse_hostfile
-from vimoe_dist.launch.sbatch import SlurmJob, default_template, parse_slurm_time, render_sbatch
 
 PY = "/opt/py/bin/python"
 PY_SELF = sys.executable
@@ -65,7 +69,7 @@ def test_local_torchrun_dry_run(config, capsys):
     assert code == 0
     assert shlex.split(out) == [
         "env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",  # a fresh rendezvous store for every restart round
-        PY, "-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=1", "--standalone", "--max-restarts=1",
+        PY, "-m", "vimoe_dist.launch.torchrun", "--nproc-per-node=4", "--nnodes=1", "--standalone", "--max-restarts=1",
         "-m", "vimoe_dist", "train", "--config", str(config),
     ]  # fmt: skip
 
@@ -127,6 +131,12 @@ def test_torchrun_bad_values(kwargs, message):
         build_torchrun(PY, nproc, "c.yaml", [], **kwargs)
 
 
+def test_hostfile_command_with_a_job_file_hands_the_runner_no_user_argument():
+    cmd = build_deepspeed_hostfile(PY, "hf", "c $(x).yaml", ["a={b,c}"], master_addr="n1", job_file="/r/job.json")
+    assert cmd[-4:] == ["--no_local_rank", "--module", "vimoe_dist.launch.jobspec", "/r/job.json"]
+    assert not any("$(x)" in a or "{b,c}" in a for a in cmd)
+
+
 def test_hostfile_command_passes_everything_through(tmp_path):
     cmd = build_deepspeed_hostfile(
         PY, "hf", "c.yaml", ["a=1"], include="n1@n2:0,1", num_gpus=2, master_addr="n1", master_port=29600,
@@ -149,6 +159,10 @@ def test_hostfile_command_passes_everything_through(tmp_path):
         (dict(no_ssh=True, node_rank=0), "--no-ssh needs --master-addr"),
         (dict(node_rank=1), "only meaningful with --no-ssh"),
         (dict(num_nodes=0), "--num-nodes=0"),
+        (dict(include="n1;touch x"), "--include"),
+        (dict(exclude="-oProxyCommand=x"), "--exclude"),
+        (dict(master_addr="n1 --x"), "--master-addr"),
+        (dict(backend_args="--mca 'open"), "--backend-args"),
     ],
 )
 def test_hostfile_command_refuses_contradictions(kwargs, message):
@@ -156,27 +170,68 @@ def test_hostfile_command_refuses_contradictions(kwargs, message):
         build_deepspeed_hostfile(PY, "hf", "c.yaml", [], **kwargs)
 
 
-def test_hostfile_cli_with_forwarded_environment(config, tmp_path, capsys, monkeypatch):
+def test_hostfile_cli_gives_variables_by_name_and_ranks_read_a_private_job_file(config, tmp_path, capsys, monkeypatch):
+    """`--env NAME` and `--env NAME=VALUE`: the command line and the output name the variables and never show a
+    value; over ssh the ranks' arguments and variables are in RUN/launch/job.json, mode 0600 in a 0700 directory."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes\nnode1 slots=2\n\nnode2 slots=2  # spare\n")
-    monkeypatch.setenv("NCCL_IB_HCA", "mlx5")
-    env_args = ["--env", "NCCL_IB_HCA", "--env", "NCCL_DEBUG=WARN"]
+    monkeypatch.setenv("MY_TOKEN", "s3cret-token")
+    env_args = ["--env", "MY_TOKEN", "--env", "NCCL_DEBUG=WARN-secret"]
+    argv = ["launch", "hostfile", "--hostfile", str(hostfile), *env_args, "--config", str(config), "train.steps=3"]
+    code, out, err = run_cli([*argv[:2], "--dry-run", *argv[2:]], capsys)
+    assert code == 0 and "2 hosts, 4 slots" in err and "MY_TOKEN, NCCL_DEBUG" in err
+    assert "s3cret" not in out + err and "WARN-secret" not in out + err
+    job_file = tmp_path / "run" / "launch" / "job.json"
+    cmd = shlex.split(out)
+    assert cmd[0] == PY_SELF and cmd[-3:] == ["--module", "vimoe_dist.launch.jobspec", str(job_file)]
+    assert not job_file.exists()  # a dry run writes nothing
+    # for real, with a launcher that does nothing (/bin/true as the interpreter): the file is written
+    code, out, err = run_cli([*argv[:2], "--python", "/bin/true", *argv[2:]], capsys)
+    assert code == 0 and "s3cret" not in out + err
+    assert stat.S_IMODE(job_file.stat().st_mode) == 0o600 and stat.S_IMODE(job_file.parent.stat().st_mode) == 0o700
+    assert json.loads(job_file.read_text()) == {
+        "argv": ["train", "--config", str(config), "train.steps=3"],
+        "env": {"MY_TOKEN": "s3cret-token", "NCCL_DEBUG": "WARN-secret"},
+    }
+    # --no-ssh: this node's ranks inherit the variables; no file, nothing printed but the names
     code, out, err = run_cli(
-        ["launch", "hostfile", "--hostfile", str(hostfile), *env_args, "--dry-run", "--config", str(config)], capsys
-    )
-    assert code == 0 and "2 hosts, 4 slots" in err
-    env_file = tmp_path / "run" / "launch" / "deepspeed_env"
-    assert shlex.split(out)[:5] == ["env", "NCCL_IB_HCA=mlx5", "NCCL_DEBUG=WARN", f"DS_ENV_FILE={env_file}", PY_SELF]
-    assert not env_file.exists()  # dry run writes nothing
-    # --no-ssh: this node's ranks inherit the variables, no file for remote ranks
-    code, out, _ = run_cli(
         ["launch", "hostfile", "--hostfile", str(hostfile), "--no-ssh", "--node-rank", "1", "--master-addr",
          "node1", *env_args, "--dry-run", "--config", str(config)],
         capsys,
     )  # fmt: skip
-    argv = shlex.split(out)
-    assert argv[:4] == ["env", "NCCL_IB_HCA=mlx5", "NCCL_DEBUG=WARN", PY_SELF]
-    assert "--no_ssh" in argv and "--node_rank=1" in argv and "--master_addr=node1" in argv
+    cmd = shlex.split(out)
+    assert cmd[0] == PY_SELF and "--no_ssh" in cmd and "--node_rank=1" in cmd and "--master_addr=node1" in cmd
+    assert cmd[-5:] == ["--module", "vimoe_dist", "train", "--config", str(config)]
+    assert "s3cret" not in out + err and "MY_TOKEN" in err
+
+
+def test_job_file_round_trip_and_refusals(tmp_path):
+    path = jobspec.job_file(tmp_path / "run")
+    jobspec.write_job_file(path, ["train", "--config", "c.yaml", "k=$(v)"], {"A": "x\ny", "B": ""})
+    assert jobspec.read_job_file(path) == (["train", "--config", "c.yaml", "k=$(v)"], {"A": "x\ny", "B": ""})
+    os.chmod(path, 0o640)
+    with pytest.raises(UserError, match="mode 0600; refusing"):
+        jobspec.read_job_file(path)
+    with pytest.raises(UserError, match="storage every node sees"):
+        jobspec.read_job_file(tmp_path / "elsewhere" / "job.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"argv": "train", "env": {}}')
+    os.chmod(bad, 0o600)
+    with pytest.raises(UserError, match="'argv' is not a list"):
+        jobspec.read_job_file(bad)
+
+
+def test_job_file_entry_keeps_interpreter_flags_and_runs_vimoe(tmp_path):
+    assert jobspec.rank_exec_argv(["train"], ["/py", "-u", "-m", jobspec.MODULE, "f"], "/py") == [
+        "/py", "-u", "-m", "vimoe_dist", "train",
+    ]  # fmt: skip
+    path = jobspec.job_file(tmp_path)
+    jobspec.write_job_file(path, ["--version"], {"VIMOE_JOB_CHECK": "1"})
+    result = subprocess.run([sys.executable, "-m", jobspec.MODULE, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("vimoe-dist "), result.stderr
+    os.chmod(path, 0o644)
+    result = subprocess.run([sys.executable, "-m", jobspec.MODULE, str(path)], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "refusing" in result.stderr
 
 
 def test_hostfile_env_without_value_must_be_set(config, tmp_path, capsys, monkeypatch):
@@ -251,6 +306,7 @@ def test_parse_hostfile(tmp_path):
         ("a slots=1\nb slots=x\n", r":2: expected"),
         ("a slots=0\n", "slots=0"),
         ("a slots=1\na slots=2\n", "listed twice"),
+        ("-oProxyCommand=touch slots=1\n", "not a host name"),
         ("# nothing\n", "no 'host slots=N' lines"),
     ],
 )
@@ -269,131 +325,3 @@ def test_missing_hostfile(tmp_path):
 def test_shipped_hostfile_example_parses():
     hosts = parse_hostfile(REPO / "launcher" / "deepspeed" / "hostfile")
     assert len(hosts) >= 2 and all(slots >= 1 for slots in hosts.values())
-
-
-# ---- sbatch --------------------------------------------------------------------------------------------------
-
-
-def render(**kwargs) -> str:
-    job = SlurmJob(command=train_argv(PY, "/c fg/x.yaml", ["train.steps=9"]), **kwargs)
-    return render_sbatch(job, default_template().read_text())
-
-
-def directives(script: str) -> list[str]:
-    return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
-
-
-def test_sbatch_gpu_job_has_one_task_per_gpu_and_requeues_on_signal():
-    script = render(nodes=2, gpus_per_node=8, partition="gpu", time="4:00:00", signal_grace=300, log_dir="/l")
-    d = directives(script)
-    assert "--nodes=2" in d and "--ntasks-per-node=8" in d and "--gpus-per-node=8" in d
-    assert "--partition=gpu" in d and "--time=4:00:00" in d
-    assert "--signal=USR1@300" in d and "--requeue" in d and "--output=/l/%x-%j.out" in d
-    srun = "srun --kill-on-bad-exit=0 --wait=60 /opt/py/bin/python -m vimoe_dist train"
-    assert f"{srun} --config '/c fg/x.yaml' train.steps=9" in script
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "{{" not in script
-
-
-def test_sbatch_cpu_job_defaults_to_one_task_per_node_and_ntasks_overrides():
-    assert "--ntasks-per-node=1" in directives(render(nodes=2))
-    d = directives(render(nodes=1, ntasks_per_node=2, cpus_per_task=1))
-    assert "--ntasks-per-node=2" in d and not any(x.startswith("--gpus") for x in d)
-
-
-def test_sbatch_extra_options_environment_and_no_requeue():
-    script = render(extra_sbatch=["exclusive", "mail-type=END"], env=["NCCL_DEBUG=WARN", "X=a b"], requeue=False)
-    d = directives(script)
-    assert "--exclusive" in d and "--mail-type=END" in d and "--no-requeue" in d
-    assert not any(x.startswith("--signal") for x in d)
-    assert "export NCCL_DEBUG=WARN" in script and "export X='a b'" in script and "requeue=no" in script
-
-
-def test_sbatch_cpus_per_task_reaches_srun_and_omp():
-    script = render(cpus_per_task=6)
-    assert "srun --kill-on-bad-exit=0 --wait=60 --cpus-per-task=6 " in script and "export OMP_NUM_THREADS=6" in script
-
-
-def test_rendered_scripts_are_valid_bash(tmp_path):
-    for kwargs in ({}, dict(nodes=4, gpus_per_node=8, time="1-00:00", env=["A=1"], cpus_per_task=8)):
-        path = tmp_path / "job.sbatch"
-        path.write_text(render(**kwargs))
-        subprocess.run(["bash", "-n", str(path)], check=True)
-
-
-def test_sbatch_port_matches_the_ranks_derivation(tmp_path):
-    """The template's shell arithmetic and `slurm_master_port` give the same port."""
-    from vimoe_dist.launch.rendezvous import slurm_master_port
-
-    line = next(x for x in render().splitlines() if x.startswith("export MASTER_PORT="))
-    for job_id in (1, 11999, 12000, 987654):
-        out = subprocess.run(
-            ["bash", "-c", f"SLURM_JOB_ID={job_id}; {line}; echo $MASTER_PORT"], capture_output=True, text=True
-        ).stdout
-        assert int(out) == slurm_master_port(job_id)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        (dict(nodes=0), "--nodes=0"),
-        (dict(ntasks_per_node=0), "--ntasks-per-node=0"),
-        (dict(time="2", signal_grace=120), "not longer than --signal-grace"),
-        (dict(time="1:2:3:4"), "--time="),
-        (dict(env=["1X=2"]), "NAME=VALUE"),
-        (dict(extra_sbatch=["--mem=1G"]), "without dashes"),
-        (dict(job_name="a b"), "--job-name"),
-        (dict(signal_grace=70000), "--signal-grace"),
-    ],
-)
-def test_sbatch_refuses_impossible_jobs(kwargs, message):
-    with pytest.raises(UserError, match=message):
-        render(**kwargs)
-
-
-def test_unknown_template_placeholder():
-    with pytest.raises(UserError, match="unknown placeholder"):
-        render_sbatch(SlurmJob(command=["x"]), "#!/bin/bash\n{{ nope }}\n")
-
-
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [("30", 1800), ("30:15", 1815), ("1:00:00", 3600), ("2-0", 172800), ("1-02:03", 93780), ("0-0:0:5", 5)],
-)
-def test_parse_slurm_time(value, seconds):
-    assert parse_slurm_time(value) == seconds
-
-
-def test_slurm_print_and_submit_dry_run_write_nothing(config, tmp_path, capsys):
-    code, out, _ = run_cli(
-        ["launch", "slurm", "--nodes", "1", "--ntasks-per-node", "2", "--config", str(config)], capsys
-    )
-    assert code == 0 and out.startswith("#!/bin/bash") and "--job-name=vimoe-tiny" in out
-    assert f"--output={tmp_path / 'run' / 'slurm'}/%x-%j.out" in out
-    code, out, _ = run_cli(["launch", "slurm", "--submit", "--dry-run", "--config", str(config)], capsys)
-    last = shlex.split(out.strip().splitlines()[-1])
-    assert code == 0 and last[:2] == ["sbatch", "--parsable"] and last[-1].endswith(".sbatch")
-    assert not (tmp_path / "run").exists()
-
-
-def test_plain_sbatch_example_is_valid_bash():
-    example = REPO / "launcher" / "slurm" / "example.sbatch"
-    subprocess.run(["bash", "-n", str(example)], check=True)
-    text = example.read_text()
-    assert "#SBATCH --signal=USR1@" in text and "scontrol requeue" in text and "srun" in text
-
-
-def test_container_python_and_srun_args_for_pyxis_and_apptainer():
-    job = SlurmJob(
-        command=train_argv("apptainer exec --nv '/img s/v.sif' python", "c.yaml", []),
-        srun_args=["--container-image=reg#vimoe:1", "--container-mounts=/data:/data"],
-    )
-    script = render_sbatch(job, default_template().read_text())
-    line = next(x for x in script.splitlines() if x.startswith("srun "))
-    assert shlex.split(line) == [
-        "srun", "--kill-on-bad-exit=0", "--wait=60", "--container-image=reg#vimoe:1", "--container-mounts=/data:/data",
-        "apptainer", "exec", "--nv", "/img s/v.sif", "python", "-m", "vimoe_dist", "train", "--config", "c.yaml",
-    ]  # fmt: skip
-    with pytest.raises(UserError, match="--srun-arg"):
-        render_sbatch(SlurmJob(command=["x"], srun_args=["container"]), default_template().read_text())
-    with pytest.raises(UserError, match="--python"):
-        train_argv("python 'unclosed", "c.yaml", [])

@@ -1,4 +1,4 @@
-"""launcher/monitoring: the Grafana dashboard and Prometheus files refer to series the exporter really has; the
+"""vimoe_dist/launch/monitoring: the Grafana dashboard and Prometheus files refer to series the exporter really has; the
 Slurm targets file lists one target per rank; the metrics package imports without torch."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from vimoe_dist.metrics.prometheus import PrometheusSink
 from vimoe_dist.metrics.targets import main as targets_main
 from vimoe_dist.metrics.targets import slurm_targets
 
-MONITORING = Path(__file__).resolve().parents[2] / "launcher" / "monitoring"
+MONITORING = Path(__file__).resolve().parents[2] / "vimoe_dist" / "launch" / "monitoring"
 SERIES = re.compile(r"\bvimoe_[a-z0-9_]+\b")
 
 

@@ -147,7 +147,9 @@ def task_script(points: list[Point], commands: list[list[str]], out: Path) -> st
 
 
 def _submit_array(args: argparse.Namespace, points: list[Point], commands: list[list[str]], out: Path) -> int:
-    from vimoe_dist.launch.sbatch import SlurmJob, default_template, render_sbatch
+    from vimoe_dist.launch.resources import load_template
+    from vimoe_dist.launch.sbatch import SlurmJob, render_sbatch
+    from vimoe_dist.launch.submit import sbatch_command, submit
 
     slurm_dir = out / "slurm"
     tasks = slurm_dir / "study_task.sh"
@@ -161,31 +163,25 @@ def _submit_array(args: argparse.Namespace, points: list[Point], commands: list[
         time=args.time,
         job_name="vimoe-study",
         log_dir=str(slurm_dir),
+        log_name="%x-%A_%a.out",  # one log per array task (%A job, %a index)
         workdir=str(Path.cwd()),
         extra_sbatch=[f"array=0-{len(points) - 1}", *args.sbatch],
     )
-    script = render_sbatch(job, default_template().read_text())
-    # one log per array task (%A job, %a index) instead of the template's per-job name
-    script = script.replace(f"--output={slurm_dir}/%x-%j.out", f"--output={slurm_dir}/%x-%A_%a.out")
-    cmd = ["sbatch", "--parsable", *(["--wait"] if args.wait else []), str(slurm_dir / "study.sbatch")]
+    script = render_sbatch(job, load_template())
+    script_path = slurm_dir / "study.sbatch"
     if args.dry_run:
         print(task_script(points, commands, out), end="")
         print(script, end="")
-        print(shlex.join(cmd))
+        print(shlex.join(sbatch_command(script_path, wait=args.wait)))
         return 0
     slurm_dir.mkdir(parents=True, exist_ok=True)
     tasks.write_text(task_script(points, commands, out))
-    (slurm_dir / "study.sbatch").write_text(script)
-    print(shlex.join(cmd), flush=True)
-    try:
-        result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    except FileNotFoundError:
-        raise UserError("sbatch not found: run --slurm on a Slurm login node, or drop --slurm") from None
-    job_id = result.stdout.strip().split(";")[0]
+    result = submit(script, script_path, wait=args.wait)
     if result.returncode != 0:
         return result.returncode
     print(
-        f"submitted array job {job_id}: {len(points)} points ({', '.join(p.name for p in points)}), logs in {slurm_dir}"
+        f"submitted array job {result.job_id}: {len(points)} points ({', '.join(p.name for p in points)}), "
+        f"logs in {slurm_dir}"
     )
     if args.wait:
         path, _ = plot_study_dir(out)

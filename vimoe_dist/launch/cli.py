@@ -1,11 +1,15 @@
 """`vimoe launch local|hostfile|slurm`: start the same config as N local ranks, over a DeepSpeed hostfile, or as a
 Slurm batch job. Each form prints the exact command line it runs (or the sbatch script it renders) and `--dry-run`
 stops there. The config is loaded and validated first, so a typo fails here and not on the cluster.
+`vimoe launch monitoring` writes the Prometheus and Grafana files for these jobs.
 
     vimoe launch local --nproc 2 --config configs/digits.yaml train.steps=50
     vimoe launch local --nproc 2 --launcher torchrun --max-restarts 1 --config configs/digits.yaml
     vimoe launch hostfile --hostfile launcher/deepspeed/hostfile --config configs/vimoe_s14_imagenet.yaml
     vimoe launch slurm --nodes 2 --gpus-per-node 8 --time 4:00:00 --submit --config configs/vimoe_s14_imagenet.yaml
+
+Ctrl-C (or SIGTERM) while a job runs reaches the ranks once, they checkpoint and stop, and `vimoe launch` ends
+with one line and exit 130 (143); a second Ctrl-C stops everything at once.
 """
 
 from __future__ import annotations
@@ -13,10 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import subprocess
 import sys
-import time
-from pathlib import Path
+from functools import partial
 
 from vimoe_dist.errors import UserError
 
@@ -64,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME[=VALUE]",
-        help="forward a variable to every rank (repeatable; NAME alone forwards its current value)",
+        help="give a variable to every rank (repeatable; NAME alone: its value here). Values are never printed: "
+        "they go to the ranks in RUN/launch/job.json, mode 0600",
     )
     hf.add_argument(
         "--no-ssh", action="store_true", help="start only this node's ranks; run the same command on every node"
@@ -74,76 +77,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(hf)
     hf.set_defaults(func=_hostfile)
 
-    sl = forms.add_parser("slurm", help="render the sbatch script (launcher/slurm/) and print or submit it")
-    sl.add_argument("--nodes", type=int, default=1)
-    sl.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one rank each (0: CPU-only)")
-    sl.add_argument("--ntasks-per-node", type=int, help="ranks per node (default: the GPUs per node, or 1)")
-    sl.add_argument("--cpus-per-task", type=int, help="CPU cores per rank (also sets OMP_NUM_THREADS)")
-    sl.add_argument("--partition")
-    sl.add_argument("--account")
-    sl.add_argument("--qos")
-    sl.add_argument("--time", help="time limit (Slurm format, e.g. 4:00:00); the job checkpoints and requeues")
-    sl.add_argument("--constraint")
-    sl.add_argument("--mem", help="memory per node (Slurm format, e.g. 64G)")
-    sl.add_argument("--job-name", help="default: vimoe-<config name>")
-    sl.add_argument(
-        "--signal-grace",
-        type=int,
-        default=120,
-        metavar="SECONDS",
-        help="send SIGUSR1 this long before the time limit so the ranks can checkpoint (default 120)",
-    )
-    sl.add_argument("--no-requeue", action="store_true", help="no checkpoint signal and no requeue")
-    sl.add_argument(
-        "--sbatch",
-        action="append",
-        default=[],
-        metavar="OPTION[=VALUE]",
-        help="extra #SBATCH line without dashes, e.g. --sbatch exclusive --sbatch mail-type=END",
-    )
-    sl.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="export before srun (repeatable), e.g. NCCL_DEBUG=WARN",
-    )
-    sl.add_argument(
-        "--srun-arg",
-        action="append",
-        default=[],
-        metavar="OPTION",
-        help="extra srun option (repeatable), e.g. --srun-arg=--container-image=IMAGE for pyxis",
-    )
-    sl.add_argument("--log-dir", help="Slurm output directory (default: <run.out_dir>/slurm)")
-    sl.add_argument("--workdir", help="working directory of the job (default: the current one)")
-    sl.add_argument("--template", metavar="FILE", help="sbatch template (default: launcher/slurm/vimoe.sbatch.tmpl)")
-    mode = sl.add_mutually_exclusive_group()
-    mode.add_argument("--print", dest="submit", action="store_false", help="print the script (default)")
-    mode.add_argument("--submit", dest="submit", action="store_true", help="write the script and sbatch it")
-    sl.add_argument("--wait", action="store_true", help="with --submit: wait for the job to end (sbatch --wait)")
-    _add_common(sl)
-    add_config_args(sl)
-    sl.set_defaults(func=_slurm, submit=False)
+    from vimoe_dist.launch.slurm_cli import add_monitoring_parser, add_slurm_parser
+
+    add_slurm_parser(forms, _add_common, add_config_args)
+    add_monitoring_parser(forms)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the command line and do not run it")
     parser.add_argument(
         "--python",
-        default=shlex.quote(sys.executable),
+        default=None,
         help="interpreter command for the launcher and the ranks, e.g. 'apptainer exec --nv vimoe.sif python' "
-        "(default: this one)",
+        "(default: this one; in a --container-image, the image's python)",
     )
 
 
-def _load(args: argparse.Namespace):
+def default_python() -> str:
+    return shlex.quote(sys.executable)
+
+
+def load(args: argparse.Namespace):
     from vimoe_dist.config import load_config
 
     return load_config(args.config, args.overrides)
 
 
-def _check_world(cfg, world: int, ranks: str) -> None:
+def check_world(cfg, world: int, ranks: str) -> None:
     """A layout that cannot work on the `world` ranks this launch starts fails here, before any rank starts
     (`ranks` says where the number comes from)."""
     from vimoe_dist.config import ConfigError, check_layout
@@ -156,33 +116,37 @@ def _check_world(cfg, world: int, ranks: str) -> None:
 
 def _local(args: argparse.Namespace) -> int:
     from vimoe_dist.launch.cmdline import build_deepspeed_local, build_torchrun
+    from vimoe_dist.launch.supervise import deepspeed_targets
 
-    cfg = _load(args)
+    cfg = load(args)
+    python = args.python or default_python()
     if args.launcher == "torchrun":
-        cmd = build_torchrun(
-            args.python,
-            args.nproc,
-            args.config,
-            args.overrides,
-            max_restarts=args.max_restarts,
-            master_port=args.master_port,
-        )
+        restarts, port = args.max_restarts, args.master_port
+        cmd = build_torchrun(python, args.nproc, args.config, args.overrides, max_restarts=restarts, master_port=port)
+        targets = None
     else:
         if args.max_restarts:
             raise UserError("--max-restarts needs --launcher torchrun (the deepspeed launcher does not restart ranks)")
-        cmd = build_deepspeed_local(args.python, args.nproc, args.config, args.overrides, master_port=args.master_port)
-    _check_world(cfg, args.nproc, f"--nproc {args.nproc}")  # after the builders checked that it is positive
-    return _exec(cmd, args.dry_run)
+        cmd = build_deepspeed_local(python, args.nproc, args.config, args.overrides, master_port=args.master_port)
+        targets = partial(deepspeed_targets, backend="local")
+    check_world(cfg, args.nproc, f"--nproc {args.nproc}")  # after the builders checked that it is positive
+    return _run(cmd, args.dry_run, name=args.launcher, targets=targets)
 
 
 def _hostfile(args: argparse.Namespace) -> int:
-    from vimoe_dist.launch.cmdline import build_deepspeed_hostfile
+    from vimoe_dist.launch import jobspec
+    from vimoe_dist.launch.cmdline import build_deepspeed_hostfile, train_args
     from vimoe_dist.launch.hostfile import parse_hostfile
+    from vimoe_dist.launch.pdsh import check_runner_environment
+    from vimoe_dist.launch.supervise import deepspeed_targets
 
-    cfg = _load(args)
+    cfg = load(args)
     hosts = parse_hostfile(args.hostfile)
+    env = dict(_env_entry(entry) for entry in args.env)
+    # without --no-ssh the launcher starts ranks on other nodes: their arguments and variables travel in a file
+    job_file = None if args.no_ssh else jobspec.job_file(cfg.run.out_dir)
     cmd = build_deepspeed_hostfile(
-        args.python,
+        args.python or default_python(),
         args.hostfile,
         args.config,
         args.overrides,
@@ -197,110 +161,52 @@ def _hostfile(args: argparse.Namespace) -> int:
         ssh_port=args.ssh_port,
         no_ssh=args.no_ssh,
         node_rank=args.node_rank,
+        job_file=None if job_file is None else str(job_file),
     )
     if args.no_ssh and args.node_rank >= len(hosts):
         raise UserError(f"--node-rank={args.node_rank} but {args.hostfile} lists {len(hosts)} hosts")
     if not (args.include or args.exclude):  # with them the launcher picks the slots; the ranks check themselves
         slots = list(hosts.values())[: args.num_nodes or len(hosts)]
         world = sum(min(n, args.num_gpus or n) for n in slots)
-        _check_world(cfg, world, f"{world} ranks: the slots of {args.hostfile}")
+        check_world(cfg, world, f"{world} ranks: the slots of {args.hostfile}")
+    # --no-ssh: this node's ranks inherit the variables from the runner. Otherwise they travel in the job file only:
+    # in the runner's environment, DeepSpeed would forward an NCCL_*/PYTHON*/UCX_* one through the remote shell
+    runner_env = {**os.environ, **env} if args.no_ssh else dict(os.environ)
+    if args.backend == "pdsh" and not args.no_ssh:
+        check_runner_environment(runner_env, os.getcwd())
     print(f"# hostfile {args.hostfile}: {len(hosts)} hosts, {sum(hosts.values())} slots", file=sys.stderr)
-    if args.env:
-        # the ranks on this node inherit the variables; the deepspeed launcher forwards the NAME=VALUE lines of
-        # DS_ENV_FILE to the ranks it starts over pdsh/mpirun (with --no-ssh every node runs this command itself)
-        pairs = [_env_entry(entry) for entry in args.env]
-        prefix = ["env", *pairs]
-        if not args.no_ssh:
-            env_file = (Path(cfg.run.out_dir) / "launch" / "deepspeed_env").resolve()
-            if not args.dry_run:
-                env_file.parent.mkdir(parents=True, exist_ok=True)
-                env_file.write_text("".join(f"{pair}\n" for pair in pairs))
-            prefix.append(f"DS_ENV_FILE={env_file}")
-        cmd = [*prefix, *cmd]
-    return _exec(cmd, args.dry_run)
-
-
-def _slurm(args: argparse.Namespace) -> int:
-    from vimoe_dist.launch.cmdline import train_argv
-    from vimoe_dist.launch.sbatch import SlurmJob, default_template, render_sbatch
-
-    cfg = _load(args)
-    workdir = Path(args.workdir or os.getcwd()).resolve()
-    log_dir = Path(args.log_dir) if args.log_dir else Path(cfg.run.out_dir) / "slurm"
-    log_dir = log_dir if log_dir.is_absolute() else workdir / log_dir
-    # a file goes to the ranks as an absolute path; a shipped config's name as the name, which the ranks resolve in
-    # their own environment (a container's, under --python "apptainer exec ...")
-    config = str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config
-    job = SlurmJob(
-        command=train_argv(args.python, config, args.overrides),
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        ntasks_per_node=args.ntasks_per_node,
-        cpus_per_task=args.cpus_per_task,
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
-        time=args.time,
-        constraint=args.constraint,
-        mem=args.mem,
-        job_name=args.job_name or f"vimoe-{Path(args.config).stem}",
-        log_dir=str(log_dir),
-        workdir=str(workdir),
-        signal_grace=args.signal_grace,
-        requeue=not args.no_requeue,
-        extra_sbatch=args.sbatch,
-        env=args.env,
-        srun_args=args.srun_arg,
+    if job_file is not None:
+        argv = train_args(args.config, args.overrides)
+        print(f"# the ranks run: vimoe_dist {shlex.join(argv)} (from {job_file}, mode 0600)", file=sys.stderr)
+        if not args.dry_run:
+            jobspec.write_job_file(job_file, argv, env)
+    if env:
+        print(f"# variables given to every rank (values not shown): {', '.join(env)}", file=sys.stderr)
+    return _run(
+        cmd,
+        args.dry_run,
+        name="deepspeed",
+        env=runner_env,
+        targets=partial(deepspeed_targets, backend="local" if args.no_ssh else args.backend),
     )
-    template = Path(args.template) if args.template else default_template()
-    try:
-        script = render_sbatch(job, template.read_text())
-    except OSError as e:
-        raise UserError(f"--template {template}: {e.strerror}") from None
-    _check_world(
-        cfg, job.nodes * job.num_tasks_per_node, f"--nodes {job.nodes} x {job.num_tasks_per_node} ranks per node"
-    )
-    if not args.submit:
-        print(script, end="")
-        return 0
-    script_path = log_dir / f"{job.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
-    cmd = ["sbatch", "--parsable", *(["--wait"] if args.wait else []), str(script_path)]
-    if args.dry_run:
-        print(script, end="")
-        print(shlex.join(cmd), flush=True)
-        return 0
-    log_dir.mkdir(parents=True, exist_ok=True)  # sbatch cannot create the --output directory
-    script_path.write_text(script)
-    print(shlex.join(cmd), flush=True)
-    try:
-        result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    except FileNotFoundError:
-        raise UserError("sbatch not found: run --submit on a Slurm login node, or use --print") from None
-    job_id = result.stdout.strip().split(";")[0]
-    if job_id:
-        print(f"submitted job {job_id}: script {script_path}, log {log_dir}/{job.job_name}-{job_id}.out", flush=True)
-    return result.returncode
 
 
-def _env_entry(entry: str) -> str:
-    name, sep, value = entry.partition("=")
-    if not name.isidentifier():
-        raise UserError(f"--env {entry!r}: expected NAME or NAME=VALUE")
-    if not sep:
+def _env_entry(entry: str) -> tuple[str, str]:
+    from vimoe_dist.launch.quoting import split_env_entry
+
+    name, value = split_env_entry(entry, value_required=False)
+    if value is None:
         if name not in os.environ:
             raise UserError(f"--env {name}: not set in this environment (give NAME=VALUE)")
-        value = os.environ[name]
-    return f"{name}={value}"
+        name, value = split_env_entry(f"{name}={os.environ[name]}", value_required=True)
+    return name, value or ""
 
 
-def _exec(cmd: list[str], dry_run: bool) -> int:
+def _run(cmd: list[str], dry_run: bool, *, name: str, env: dict[str, str] | None = None, targets=None) -> int:
+    from vimoe_dist.launch.supervise import run_supervised
+
     print(shlex.join(cmd), flush=True)
     if dry_run:
         return 0
     sys.stderr.flush()
-    try:
-        # replace this process: signals (Ctrl-C, Slurm's, torchrun's) and the exit code are the launcher's own
-        os.execvp(cmd[0], cmd)
-    except OSError as e:
-        raise UserError(f"cannot run {cmd[0]}: {e.strerror}") from None
-    return 0  # unreachable: execvp does not return
+    return run_supervised(cmd, name=name, env=env, targets=targets)

@@ -3,21 +3,28 @@
 
 Every launcher is started as `python -m <module>` with the caller's interpreter, so the ranks run in the same
 environment as `vimoe launch` whatever is first on PATH. `python` is a shell-quoted command, so a container wrapper
-works too (`apptainer exec --nv vimoe.sif python`).
+works too (`apptainer exec --nv vimoe.sif python`). No value is ever joined into a string a shell parses: argv
+lists go to exec, and printed ones through `shlex.join`; values with control characters are refused.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 
 from vimoe_dist.errors import UserError
+from vimoe_dist.launch import jobspec
+from vimoe_dist.launch.quoting import HOST, all_one_line, matching, one_line
 from vimoe_dist.net import free_port
 
 # The deepspeed launcher would put `--local_rank=N` right after the module name (`python -m vimoe_dist --local_rank=1
 # train ...`), before the subcommand; `--no_local_rank` leaves it out and the ranks read LOCAL_RANK, which the
 # launcher sets as well.
 DEEPSPEED_BACKENDS = ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi")
+# --include/--exclude of the deepspeed launcher: host[:slot,...] joined by @
+_RESOURCES = re.compile(rf"{HOST.pattern}(?::\d+(?:,\d+)*)?(?:@{HOST.pattern}(?::\d+(?:,\d+)*)?)*")
+_ADDRESS = re.compile(rf"{HOST.pattern}|[0-9A-Fa-f:.]+")
 
 
 def train_argv(python: str, config: str, overrides: Sequence[str]) -> list[str]:
@@ -27,6 +34,7 @@ def train_argv(python: str, config: str, overrides: Sequence[str]) -> list[str]:
 
 def python_argv(python: str) -> list[str]:
     """The interpreter command, split like a shell would (`apptainer exec --nv img.sif python` is three words)."""
+    one_line("--python", python)
     try:
         argv = shlex.split(python)
     except ValueError as e:
@@ -37,7 +45,12 @@ def python_argv(python: str) -> list[str]:
 
 
 def train_args(config: str, overrides: Sequence[str]) -> list[str]:
+    one_line("--config", config)
+    all_one_line("override", overrides)
     return ["train", "--config", config, *overrides]
+
+
+TORCHRUN_MODULE = "vimoe_dist.launch.torchrun"  # torchrun with a one-line exit on SIGINT/SIGTERM
 
 
 def build_torchrun(
@@ -49,9 +62,10 @@ def build_torchrun(
     max_restarts: int = 0,
     master_port: int | None = None,
 ) -> list[str]:
-    """torchrun on this machine (`torch.distributed.run`). Without a port it runs `--standalone` (a c10d rendezvous
-    on a free local port); `--max-restarts` restarts every rank from scratch when one dies, and the restarted job
-    resumes from its latest checkpoint (`run.resume=auto`).
+    """torchrun on this machine (`torch.distributed.run`, through `vimoe_dist.launch.torchrun` for a one-line exit on
+    a signal). Without a port it runs `--standalone` (a c10d rendezvous on a free local port); `--max-restarts`
+    restarts every rank from scratch when one dies, and the restarted job resumes from its latest checkpoint
+    (`run.resume=auto`).
 
     With restarts the command runs under `env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`: by default the agent keeps one
     TCP store for every rendezvous round and torch's `env://` init no longer prefixes the workers' keys by attempt,
@@ -61,7 +75,7 @@ def build_torchrun(
     _check_positive("--nproc", nproc)
     if max_restarts < 0:
         raise UserError(f"--max-restarts={max_restarts} must be at least 0")
-    cmd = [*python_argv(python), "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1"]
+    cmd = [*python_argv(python), "-m", TORCHRUN_MODULE, f"--nproc-per-node={nproc}", "--nnodes=1"]
     if master_port is None:
         cmd.append("--standalone")
     else:
@@ -103,11 +117,27 @@ def build_deepspeed_hostfile(
     ssh_port: int | None = None,
     no_ssh: bool = False,
     node_rank: int | None = None,
+    job_file: str | None = None,
 ) -> list[str]:
     """The deepspeed launcher over the hosts of a DeepSpeed hostfile. With `no_ssh`, every node runs this same
     command with its own `node_rank` (clusters whose scheduler starts one agent per node), and `master_addr` is then
-    required since no node can look the first host up for the others.
+    required since no node can look the first host up for the others. With `job_file`, the ranks run
+    `python -m vimoe_dist.launch.jobspec JOB_FILE`, which holds their arguments (`config`, `overrides`) and
+    variables: nothing a user typed then reaches the runner's remote command (`vimoe_dist.launch.pdsh`).
     """
+    one_line("--hostfile", hostfile)
+    if include:
+        matching("--include", include, _RESOURCES, "host[:slot,...][@host[:slot,...]...], e.g. node1@node2:0,2")
+    if exclude:
+        matching("--exclude", exclude, _RESOURCES, "host[:slot,...][@host[:slot,...]...], e.g. node2:1")
+    if master_addr:
+        matching("--master-addr", master_addr, _ADDRESS, "a host name or IP address")
+    if backend_args:
+        one_line("--backend-args", backend_args)
+        try:
+            shlex.split(backend_args)
+        except ValueError as e:
+            raise UserError(f"--backend-args {backend_args!r}: {e}") from None
     if include and exclude:
         raise UserError("--include and --exclude are mutually exclusive (the deepspeed launcher refuses both)")
     if backend not in DEEPSPEED_BACKENDS:
@@ -138,7 +168,8 @@ def build_deepspeed_hostfile(
         cmd.append(f"--ssh_port={_port(ssh_port)}")
     if no_ssh:
         cmd += ["--no_ssh", f"--node_rank={node_rank}"]
-    return [*cmd, "--no_local_rank", "--module", "vimoe_dist", *train_args(config, overrides)]
+    rank = [jobspec.MODULE, job_file] if job_file else ["vimoe_dist", *train_args(config, overrides)]
+    return [*cmd, "--no_local_rank", "--module", *rank]
 
 
 def _check_positive(flag: str, value: int) -> int:

@@ -2,7 +2,8 @@
 
 The deepspeed launcher reads the file itself (`deepspeed/launcher/runner.py`, `_parse_hostfile`); we parse it first
 with the same rules so a typo is reported as one line naming the file and line before any ssh or pdsh starts, and so
-`vimoe launch hostfile` can print the world size it is about to start.
+`vimoe launch hostfile` can print the world size it is about to start. Host names are checked too: the runner
+passes them to ssh and pdsh as arguments, where a name like `-oProxyCommand=...` would be read as an option.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 from pathlib import Path
 
 from vimoe_dist.errors import UserError
+from vimoe_dist.launch.quoting import HOST
 
 _LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*(?:#.*)?$")
 
@@ -35,6 +37,8 @@ def parse_hostfile(path: str | Path) -> dict[str, int]:
         if not match:
             raise UserError(f"hostfile {path}:{number}: expected 'host slots=N', got {line!r}")
         host, slots = match.group(1), int(match.group(2))
+        if not HOST.fullmatch(host):
+            raise UserError(f"hostfile {path}:{number}: {host!r} is not a host name (letters, digits, '.', '-', '_')")
         if slots < 1:
             raise UserError(f"hostfile {path}:{number}: host {host} has slots={slots}, needs at least 1")
         if host in hosts:

@@ -1,9 +1,20 @@
-"""Slurm batch scripts rendered from `launcher/slurm/vimoe.sbatch.tmpl`.
+"""Slurm batch scripts rendered from the shipped template `templates/vimoe.sbatch.tmpl` (or a user's own).
 
-The template holds the job's logic (rendezvous, srun, requeue on exit 75); this module fills in the `#SBATCH`
-directives, the environment and the rank command. One task per GPU (`--ntasks-per-node` defaults to the GPUs per
-node; on CPU-only clusters it alone sets the ranks), `srun` starts the ranks, each rank resolves its place from the
-`SLURM_*` variables (`vimoe_dist.parallel.env`).
+The template holds the job's logic (rendezvous, srun, Prometheus targets, requeue on exit 75); this module fills in
+the `#SBATCH` directives, the environment and the rank command. One task per GPU (`--ntasks-per-node` defaults to
+the GPUs per node; on CPU-only clusters it alone sets the ranks), `srun` starts the ranks, each rank resolves its
+place from the `SLURM_*` variables (`vimoe_dist.parallel.env`).
+
+Every value is checked or quoted for the reader it goes to (`vimoe_dist.launch.quoting`): Slurm names and sizes
+must have Slurm's syntax, paths and free-form option values are quoted for sbatch's `#SBATCH` parser, and whatever
+reaches bash goes through `shlex.quote`; no value may hold a control character.
+
+Resources a site expects: `--cpus-per-task` (default `data.num_workers + 2` per rank: the loader workers, the
+training process and one spare), repeated on srun (Slurm 22.05-23.02 srun does not inherit it), with
+`OMP_NUM_THREADS` set to the cores the workers do not take; `--exclusive`; `NCCL_DEBUG=WARN` unless the
+environment sets it; the submitting shell's `NCCL_*`, `UCX_*` and `FI_*` variables written into the script (each
+only where the job's environment lacks it, so a site that submits with `--export=NONE` still gets them), and
+`srun --export=ALL` so they reach the ranks; pyxis containers (`--container-image`).
 
 Preemption: `--signal=USR1@grace` asks Slurm to signal every task of the job's steps `grace` seconds before the
 time limit. Without `B:`, so the ranks get the signal themselves: with `B:` only the batch shell would, and bash
@@ -18,15 +29,33 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from vimoe_dist.errors import UserError
+from vimoe_dist.launch import quoting as q
 from vimoe_dist.launch.rendezvous import SLURM_PORT_BASE, SLURM_PORT_SPAN
 
-TEMPLATE_NAME = "vimoe.sbatch.tmpl"
 EX_TEMPFAIL = 75  # the trainer's "checkpointed after a signal, requeue me" exit code
+# variables of the submitting shell that the job writes into its script: the site's network settings
+SITE_ENV_PREFIXES = ("NCCL_", "UCX_", "FI_")
+# pyxis' srun options besides --container-image (pyxis args.c); True: takes a value
+PYXIS_OPTIONS = {
+    "container-mounts": True,
+    "container-workdir": True,
+    "container-name": True,
+    "container-save": True,
+    "container-env": True,
+    "container-mount-home": False,
+    "no-container-mount-home": False,
+    "container-remap-root": False,
+    "no-container-remap-root": False,
+    "container-entrypoint": False,
+    "no-container-entrypoint": False,
+    "container-entrypoint-log": False,
+    "container-writable": False,
+    "container-readonly": False,
+}
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 # Slurm --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (man sbatch)
@@ -42,20 +71,28 @@ class SlurmJob:
     gpus_per_node: int = 0
     ntasks_per_node: int | None = None  # None: gpus_per_node, or 1 on a CPU-only job
     cpus_per_task: int | None = None
+    omp_num_threads: int | None = None  # None: cpus_per_task when that is set
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     time: str | None = None
     constraint: str | None = None
     mem: str | None = None
+    exclusive: bool = False
     job_name: str = "vimoe"
     log_dir: str = "logs"
+    log_name: str = "%x-%j.out"  # sbatch's filename pattern inside log_dir (%x job name, %j id, %A_%a arrays)
     workdir: str = "."
     signal_grace: int = 120
     requeue: bool = True
     extra_sbatch: list[str] = field(default_factory=list)  # "key=value" or "flag" -> "#SBATCH --key=value"
-    env: list[str] = field(default_factory=list)  # "NAME=VALUE" exported before srun
-    srun_args: list[str] = field(default_factory=list)  # e.g. pyxis' --container-image=...
+    env: list[str] = field(default_factory=list)  # "NAME=VALUE" exported before srun; "NAME": the job's own value
+    site_env: dict[str, str] = field(default_factory=dict)  # NCCL_*/UCX_*/FI_* kept when the job's env lacks them
+    srun_args: list[str] = field(default_factory=list)  # any further srun option
+    container_image: str | None = None  # pyxis --container-image
+    container_opts: list[str] = field(default_factory=list)  # pyxis options without dashes: "container-mounts=/d:/d"
+    run_dir: str = ""  # the run's directory (run.out_dir), where rank 0 writes prometheus_targets.json
+    prometheus_sd_dir: str | None = None  # link DIR/$SLURM_JOB_ID.json to the run's targets while the job runs
 
     @property
     def num_tasks_per_node(self) -> int:
@@ -64,29 +101,18 @@ class SlurmJob:
         return self.gpus_per_node if self.gpus_per_node > 0 else 1
 
 
-def default_template() -> Path:
-    """`launcher/slurm/vimoe.sbatch.tmpl` of the source tree this package runs from (editable installs, the Docker
-    image), else of the current directory.
-
-    Raises:
-        UserError: when neither exists; `--template` names one explicitly.
-    """
-    candidates = [
-        Path(__file__).resolve().parents[2] / "launcher" / "slurm" / TEMPLATE_NAME,
-        Path.cwd() / "launcher" / "slurm" / TEMPLATE_NAME,
-    ]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise UserError(f"no sbatch template at {candidates[0]} or {candidates[1]}; pass --template FILE")
+def site_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The site's NCCL_*, UCX_* and FI_* variables of `environ`, which the job passes on to its ranks."""
+    return {k: v for k, v in sorted(environ.items()) if k.startswith(SITE_ENV_PREFIXES) and q.ENV_NAME.fullmatch(k)}
 
 
 def render_sbatch(job: SlurmJob, template: str) -> str:
     """Fills `template` for `job`.
 
     Raises:
-        UserError: an impossible request (no nodes or tasks, a bad `--time`, a grace longer than the time limit, a
-            bad environment entry) or a template placeholder this module does not know.
+        UserError: an impossible request (no nodes or tasks, a bad `--time`, a grace longer than the time limit), a
+            value Slurm would not accept or that holds a control character, or a template placeholder this module
+            does not know.
     """
     _validate(job)
     values = {
@@ -94,10 +120,12 @@ def render_sbatch(job: SlurmJob, template: str) -> str:
         "environment": "\n".join(_exports(job)),
         "port_base": str(SLURM_PORT_BASE),
         "port_span": str(SLURM_PORT_SPAN),
-        "srun_args": "".join(f" {arg}" for arg in _srun_args(job)),
+        "srun_args": "".join(f" {shlex.quote(arg)}" for arg in _srun_args(job)),
         "command": shlex.join(job.command),
         "exit_requeue": str(EX_TEMPFAIL),
         "requeue": "yes" if job.requeue else "no",
+        "run_dir": shlex.quote(job.run_dir),
+        "prometheus_sd_dir": shlex.quote(job.prometheus_sd_dir or ""),
     }
 
     def fill(match: re.Match[str]) -> str:
@@ -115,7 +143,7 @@ def parse_slurm_time(value: str) -> int:
     Raises:
         UserError: any other string.
     """
-    match = _TIME.match(value.strip())
+    match = _TIME.match(q.one_line("--time", value).strip())
     if not match:
         raise UserError(f"--time={value!r}: expected minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
     days, a, b, c = match.groups()
@@ -126,6 +154,24 @@ def parse_slurm_time(value: str) -> int:
     return int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
 
 
+def split_container_opt(entry: str) -> tuple[str, str | None]:
+    """`container-mounts=/data:/data` -> (`container-mounts`, `/data:/data`), checked against pyxis' options.
+
+    Raises:
+        UserError: an option pyxis does not have, a missing or surplus value, a control character.
+    """
+    name, sep, value = q.one_line("--container-opt", entry).removeprefix("--").partition("=")
+    if name == "container-image":
+        raise UserError("--container-opt container-image: use --container-image IMAGE")
+    if name not in PYXIS_OPTIONS:
+        raise UserError(f"--container-opt {entry!r}: not a pyxis option (known: {', '.join(PYXIS_OPTIONS)})")
+    if PYXIS_OPTIONS[name] and not (sep and value):
+        raise UserError(f"--container-opt {name}: needs a value, e.g. {name}=...")
+    if not PYXIS_OPTIONS[name] and sep:
+        raise UserError(f"--container-opt {name}: takes no value (got {value!r})")
+    return name, (value if sep else None)
+
+
 def _validate(job: SlurmJob) -> None:
     if job.nodes < 1:
         raise UserError(f"--nodes={job.nodes} must be at least 1")
@@ -133,8 +179,9 @@ def _validate(job: SlurmJob) -> None:
         raise UserError(f"--gpus-per-node={job.gpus_per_node} must be at least 0")
     if job.num_tasks_per_node < 1:
         raise UserError(f"--ntasks-per-node={job.num_tasks_per_node} must be at least 1")
-    if job.cpus_per_task is not None and job.cpus_per_task < 1:
-        raise UserError(f"--cpus-per-task={job.cpus_per_task} must be at least 1")
+    for flag, value in (("--cpus-per-task", job.cpus_per_task), ("OMP_NUM_THREADS", job.omp_num_threads)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag}={value} must be at least 1")
     if not 0 <= job.signal_grace <= 65535:
         raise UserError(f"--signal-grace={job.signal_grace} must be in [0, 65535] seconds (sbatch --signal)")
     if job.time is not None:
@@ -144,18 +191,41 @@ def _validate(job: SlurmJob) -> None:
                 f"--time={job.time} ({limit} s) is not longer than --signal-grace={job.signal_grace} s: "
                 "the checkpoint signal would come before any work"
             )
-    if not re.fullmatch(r"[\w.+-]+", job.job_name):
-        raise UserError(f"--job-name={job.job_name!r}: use letters, digits and ._+- only")
+    q.matching("--job-name", job.job_name, re.compile(r"[\w.+-]+"), "letters, digits and ._+- only")
+    names = {"--partition": (job.partition, q.SLURM_NAME_LIST), "--account": (job.account, q.SLURM_NAME),
+             "--qos": (job.qos, q.SLURM_NAME)}  # fmt: skip
+    for flag, (value, pattern) in names.items():
+        if value is not None:
+            q.matching(flag, value, pattern, "a Slurm name (letters, digits and _.+-; partitions: a comma list)")
+    if job.mem is not None:
+        q.matching("--mem", job.mem, q.SLURM_MEM, "a size in megabytes, or with the unit K, M, G or T (e.g. 64G)")
+    if job.constraint is not None:
+        q.matching("--constraint", job.constraint, q.SLURM_CONSTRAINT, "features joined by & | , (no spaces)")
+    q.all_one_line("a path", [job.log_dir, job.log_name, job.workdir, job.run_dir, job.prometheus_sd_dir or ""])
+    q.all_one_line("the rank command", job.command)
     for entry in job.env:
-        name, sep, _ = entry.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_]\w*", name):
-            raise UserError(f"--env {entry!r}: expected NAME=VALUE")
+        q.split_env_entry(entry, value_required=False)
+    for name, value in job.site_env.items():
+        q.export_line(name, value)
     for arg in job.srun_args:
-        if not arg.startswith("-"):
-            raise UserError(f"--srun-arg {arg!r}: expected an srun option, e.g. --container-image=IMAGE")
+        if not q.one_line("--srun-arg", arg).startswith("-"):
+            raise UserError(f"--srun-arg {arg!r}: expected an srun option, e.g. --mpi=pmix")
     for entry in job.extra_sbatch:
-        if not re.fullmatch(r"[a-z][a-z-]*(=.*)?", entry):
+        option, _, _ = q.one_line("--sbatch", entry).partition("=")
+        if not q.SBATCH_OPTION.fullmatch(option):
             raise UserError(f"--sbatch {entry!r}: expected an sbatch option without dashes, e.g. mem=32G or exclusive")
+    if job.container_image is not None:
+        q.one_line("--container-image", job.container_image)
+        if not job.container_image or job.container_image.startswith("-"):
+            raise UserError(f"--container-image {job.container_image!r}: expected an image or a .sqsh path")
+    opts = {split_container_opt(entry)[0] for entry in job.container_opts}
+    if job.container_image is not None and "container-mounts" not in opts and re.search("[,:]", job.workdir):
+        raise UserError(
+            f"--workdir {job.workdir!r}: pyxis reads ',' and ':' in a mount as separators, so the job's directory "
+            "cannot be mounted into the container by default; give --container-opt container-mounts=SRC:DST"
+        )
+    if job.container_opts and job.container_image is None:
+        raise UserError("--container-opt needs --container-image (pyxis options apply to a container)")
 
 
 def _directives(job: SlurmJob) -> list[str]:
@@ -175,32 +245,55 @@ def _directives(job: SlurmJob) -> list[str]:
         "constraint": job.constraint,
         "mem": job.mem,
     }
-    out += [f"--{key}={value}" for key, value in optional.items() if value is not None]
+    out += [f"--{key}={q.sbatch_word(str(value))}" for key, value in optional.items() if value is not None]
+    if job.exclusive:
+        out.append("--exclusive")
     # one log per job id; append so a requeued job keeps the earlier attempts above the new one
     out += [
-        f"--chdir={job.workdir}",
-        f"--output={job.log_dir}/%x-%j.out",
+        f"--chdir={q.sbatch_word(job.workdir)}",
+        f"--output={q.sbatch_word(q.slurm_filename(job.log_dir) + '/' + job.log_name)}",
         "--open-mode=append",
     ]
     if job.requeue:
         out += [f"--signal=USR1@{job.signal_grace}", "--requeue"]
     else:
         out.append("--no-requeue")
-    out += [f"--{entry}" for entry in job.extra_sbatch]
+    for entry in job.extra_sbatch:
+        option, sep, value = entry.partition("=")
+        out.append(f"--{option}={q.sbatch_word(value)}" if sep else f"--{option}")
     return out
 
 
 def _exports(job: SlurmJob) -> list[str]:
     lines = []
-    if job.cpus_per_task is not None:
-        lines.append(f"export OMP_NUM_THREADS={job.cpus_per_task}")
+    omp = job.omp_num_threads if job.omp_num_threads is not None else job.cpus_per_task
+    if omp is not None:
+        lines.append(f"export OMP_NUM_THREADS={omp}")
+    lines.append('export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"')
+    for name, value in job.site_env.items():
+        lines.append(f'[ -n "${{{name}+set}}" ] || {q.export_line(name, value)}')
     for entry in job.env:
-        name, _, value = entry.partition("=")
-        lines.append(f"export {name}={shlex.quote(value)}")
+        name, value = q.split_env_entry(entry, value_required=False)
+        if value is None:  # named, not written: sbatch gives the job the submitting shell's value
+            warn = f'echo "vimoe: warning: {name} is not set in the job\'s environment" >&2'
+            lines.append(f'if [ -n "${{{name}+set}}" ]; then export {name}; else {warn}; fi')
+        else:
+            lines.append(q.export_line(name, value))
     return lines
 
 
-def _srun_args(job: SlurmJob) -> Sequence[str]:
+def _srun_args(job: SlurmJob) -> list[str]:
     # srun of Slurm 22.05 to 23.02 does not inherit --cpus-per-task from sbatch: pass it on explicitly
     args = [f"--cpus-per-task={job.cpus_per_task}"] if job.cpus_per_task is not None else []
-    return [*args, *(shlex.quote(arg) for arg in job.srun_args)]
+    if job.container_image is not None:
+        args.append(f"--container-image={job.container_image}")
+        opts = [split_container_opt(entry) for entry in job.container_opts]
+        given = {name for name, _ in opts}
+        # the job's directory inside the container at the same path, so the config, data paths under it and the
+        # run directory mean the same thing inside and out (a mount of one's own replaces this)
+        if "container-mounts" not in given:
+            args.append(f"--container-mounts={job.workdir}:{job.workdir}")
+        if "container-workdir" not in given:
+            args.append(f"--container-workdir={job.workdir}")
+        args += [f"--{name}={value}" if value is not None else f"--{name}" for name, value in opts]
+    return [*args, *job.srun_args]

@@ -64,9 +64,10 @@ each with labels `job` (`metrics.job`) and `rank`:
     vimoe_checkpoint_seconds, vimoe_checkpoint_step, vimoe_checkpoint_saves_total, vimoe_events_total{event},
     vimoe_process_resident_memory_bytes, vimoe_process_peak_resident_memory_bytes
 
-`launcher/monitoring/` holds a Grafana dashboard over these series and a Prometheus scrape config for a Slurm job
-(one target per rank). `vimoe plot RUN_DIR` draws the curves of a run from its `metrics.jsonl`; `vimoe metrics
-targets` prints a run's targets file. `progress.track` shows the progress of other long loops (eval, analysis).
+`vimoe_dist/launch/monitoring/` (`vimoe launch monitoring --out DIR`) holds a Grafana dashboard over these series
+and a Prometheus scrape config for a Slurm job (one target per rank). `vimoe plot RUN_DIR` draws the curves of a
+run from its `metrics.jsonl`; `vimoe metrics targets` prints a run's targets file. `progress.track` shows the
+progress of other long loops (eval, analysis).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ picks up a JSON file in a watched directory and forgets the targets when the fil
 
 `vimoe metrics targets RUN_DIR` prints a run's file, or copies it with `--out` (e.g. into a file_sd directory that
 cannot follow links). Ranks must bind an address Prometheus can reach: `metrics.addr=0.0.0.0` (or the node's
-cluster address) on a trusted network. See `launcher/monitoring/prometheus.yml`.
+cluster address) on a trusted network. See `vimoe_dist/launch/monitoring/prometheus.yml`.
 """
 
 from __future__ import annotations
