@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from vimoe_dist.errors import UserError
+from vimoe_dist.model.moe.registry import ALL_ROUTER_OPTIONS, ROUTER_NAMES, ROUTER_SPECS
 
 
 class ConfigError(UserError, ValueError):
@@ -79,7 +80,7 @@ class MoEConfig:
     group_size: int = 8  # images per routing group; capacity and routing never cross groups
     impl: str = "vimoe"  # vimoe | deepspeed | fairscale
     hidden_ratio: float | None = None  # expert hidden size / dim; None: the backbone's mlp_ratio
-    # router options (each router reads the ones it knows; see routers/__init__.py)
+    # router options: each router takes the ones model/moe/registry.py lists for it; setting another is an error
     bpr: bool = True
     renormalize: bool = False
     noise_std: float = 0.0
@@ -303,9 +304,6 @@ def _type_name(tp: Any) -> str:
 
 # -------------------------------------------------------------------------------------------- validation
 
-# the registry's names (vimoe_dist/model/moe/routers/__init__.py; a test keeps the two equal): listed here so that
-# validating a config, e.g. on a login node before `vimoe launch`, does not import torch
-ROUTER_NAMES = ("ec-sinkhorn", "ec-softmax", "ec-sparse", "soft", "tc-sinkhorn", "tc-softmax")
 ROUTING_MODES = ("image", "token")
 POOL_MODES = ("cls", "mean")
 IMPLS = ("vimoe", "deepspeed", "fairscale")
@@ -360,6 +358,7 @@ def validate(cfg: Config) -> None:
     _positive("model.moe.num_experts", moe.num_experts)
     if moe.router not in ROUTER_NAMES:
         raise ConfigError(f"model.moe.router: unknown router {moe.router!r}; known: {', '.join(ROUTER_NAMES)}")
+    check_router_options(moe)
     _positive("model.moe.top_k", moe.top_k)
     if moe.top_k > moe.num_experts:
         raise ConfigError(f"model.moe.top_k: {moe.top_k} is more than model.moe.num_experts={moe.num_experts}")
@@ -417,6 +416,20 @@ def validate(cfg: Config) -> None:
     ):
         raise ConfigError(f"metrics.pushgateway: {gateway!r} is neither an http(s) URL nor host:port")
     _positive("metrics.push_timeout_s", cfg.metrics.push_timeout_s)
+
+
+def check_router_options(moe: MoEConfig) -> None:
+    """An option the chosen router does not take (`sinkhorn_iters` with `tc-softmax`, `top_k` with `soft`) is an
+    error rather than silently ignored; options are told apart from their defaults, since a resolved `config.yaml`
+    holds every key."""
+    takes = ROUTER_SPECS[moe.router].options
+    defaults = MoEConfig()
+    for name in ALL_ROUTER_OPTIONS:
+        if name not in takes and getattr(moe, name) != getattr(defaults, name):
+            raise ConfigError(
+                f"model.moe.{name}: router {moe.router} does not take this option (it takes {', '.join(takes)}); "
+                f"leave it at its default {getattr(defaults, name)!r} or choose a router that does"
+            )
 
 
 def check_layout(cfg: Config, world: int) -> None:

@@ -21,6 +21,7 @@ from timm.layers import Mlp
 
 from vimoe_dist.bench.timing import interleaved_samples, paired_ratio, print_table, write_json
 from vimoe_dist.config import load_config
+from vimoe_dist.model.moe.registry import ALL_ROUTER_OPTIONS, ROUTER_SPECS
 
 
 def _moe(impl: str, router: str, k: int, args: argparse.Namespace, capacity_factor: float | None = -1.0):
@@ -34,6 +35,9 @@ def _moe(impl: str, router: str, k: int, args: argparse.Namespace, capacity_fact
         f"model.moe.group_size={args.group_size}", "model.moe.shared_expert=false",
         f"model.moe.switch_loss={0 if router == 'soft' else 0.01}", "model.moe.renormalize=true",
     ]  # fmt: skip
+    # the same settings for every variant, less the options this router does not take (config refuses those)
+    ignored = {f"model.moe.{o}" for o in ALL_ROUTER_OPTIONS if o not in ROUTER_SPECS[router].options}
+    overrides = [o for o in overrides if o.split("=")[0] not in ignored]
     return build_moe(args.dim, args.hidden, load_config(None, overrides).model.moe)
 
 
