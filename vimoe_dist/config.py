@@ -433,22 +433,30 @@ def check_router_options(moe: MoEConfig) -> None:
 
 
 def check_layout(cfg: Config, world: int) -> None:
-    """The parallel layout must divide evenly on `world` ranks; the trainer checks it before any work starts and the
+    """The parallel layout must divide evenly on `world` ranks; the trainer checks it before the rendezvous and the
     launchers before they start any rank."""
-    p, t, moe = cfg.parallel, cfg.train, cfg.model.moe
-    if world % p.ep_size:
-        raise ConfigError(f"parallel.ep_size: {p.ep_size} does not divide the world size {world}")
-    if t.global_batch_size % (world * t.grad_accum):
+    if world % cfg.parallel.ep_size:
+        raise ConfigError(f"parallel.ep_size: {cfg.parallel.ep_size} does not divide the world size {world}")
+    micro_batch_size(cfg, world)
+
+
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    """Images per rank per forward, train.global_batch_size / (world_size x train.grad_accum): the one definition (the
+    data loaders, the DeepSpeed config and the layout check read it here). Routing groups never span ranks, so it
+    must be a multiple of model.moe.group_size."""
+    t, group = cfg.train, cfg.model.moe.group_size
+    if t.global_batch_size % (world_size * t.grad_accum):
         raise ConfigError(
-            f"train.global_batch_size: {t.global_batch_size} is not divisible by world size {world} x "
-            f"train.grad_accum {t.grad_accum}"
+            f"train.global_batch_size={t.global_batch_size} is not divisible by world_size x train.grad_accum "
+            f"= {world_size} x {t.grad_accum}"
         )
-    micro = t.global_batch_size // (world * t.grad_accum)
-    if micro % moe.group_size:
+    micro = t.global_batch_size // (world_size * t.grad_accum)
+    if micro % group:
         raise ConfigError(
-            f"model.moe.group_size: {moe.group_size} does not divide the per-rank micro-batch of {micro} images "
-            f"(train.global_batch_size {t.global_batch_size} / {world} ranks / {t.grad_accum} accumulation)"
+            f"model.moe.group_size={group} does not divide the per-rank micro-batch of {micro} images "
+            f"(train.global_batch_size {t.global_batch_size} / {world_size} ranks / {t.grad_accum} accumulation)"
         )
+    return micro
 
 
 def parse_layers(layers: Any, depth: int | None) -> list[int]:
