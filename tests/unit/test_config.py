@@ -90,3 +90,13 @@ def test_deepspeed_launchers_local_rank_is_accepted_anywhere(monkeypatch):
 
     assert os.environ["LOCAL_RANK"] == "1"
     assert strip_local_rank(["train", "--local-rank", "3", "--config", "c.yaml"]) == ["train", "--config", "c.yaml"]
+
+
+def test_impl_left_the_training_config(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.moe.impl=deepspeed"])
+    assert str(e.value).startswith("model.moe.impl: 'deepspeed'") and "\n" not in str(e.value)
+    # the config.yaml of an older run names our layer: it still loads
+    old = tmp_path / "config.yaml"
+    old.write_text("model:\n  moe:\n    impl: vimoe\n    num_experts: 4\n")
+    assert load_config(old).model.moe.num_experts == 4

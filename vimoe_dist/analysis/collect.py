@@ -50,7 +50,7 @@ def run_routing(
         if not hasattr(layer, "record_routing"):
             raise UserError(
                 f"analyze: the MoE layer of block {block} ({type(layer).__name__}) cannot record routing; "
-                "routing analysis needs model.moe.impl=vimoe"
+                "routing analysis needs ViMoE's own MoE layer (MoEFFN)"
             )
     acc = RoutingAccumulator(num_classes, {i: layer.num_experts for i, layer in layers.items()})
     was_training = model.training

@@ -25,12 +25,16 @@ from vimoe_dist.model.moe.registry import ALL_ROUTER_OPTIONS, ROUTER_SPECS
 
 
 def _moe(impl: str, router: str, k: int, args: argparse.Namespace, capacity_factor: float | None = -1.0):
+    """One MoE FFN: ours (`build_moe`) or a reference layer, passed in as the layer factory it is."""
     from vimoe_dist.model import build_moe
+    from vimoe_dist.parallel.reference.deepspeed_moe import DeepSpeedMoEFFN
+    from vimoe_dist.parallel.reference.fairscale_moe import FairscaleMoEFFN
 
+    factory = {"vimoe": build_moe, "deepspeed": DeepSpeedMoEFFN, "fairscale": FairscaleMoEFFN}[impl]
     cf = args.capacity_factor if capacity_factor == -1.0 else capacity_factor
     torch.manual_seed(0)  # the same gate and expert weights in every variant: loads differ only by the algorithm
     overrides = [
-        f"model.moe.impl={impl}", f"model.moe.router={router}", f"model.moe.top_k={k}", "model.moe.routing=token",
+        f"model.moe.router={router}", f"model.moe.top_k={k}", "model.moe.routing=token",
         f"model.moe.num_experts={args.experts}", f"model.moe.capacity_factor={'null' if cf is None else cf}",
         f"model.moe.group_size={args.group_size}", "model.moe.shared_expert=false",
         f"model.moe.switch_loss={0 if router == 'soft' else 0.01}", "model.moe.renormalize=true",
@@ -38,7 +42,7 @@ def _moe(impl: str, router: str, k: int, args: argparse.Namespace, capacity_fact
     # the same settings for every variant, less the options this router does not take (config refuses those)
     ignored = {f"model.moe.{o}" for o in ALL_ROUTER_OPTIONS if o not in ROUTER_SPECS[router].options}
     overrides = [o for o in overrides if o.split("=")[0] not in ignored]
-    return build_moe(args.dim, args.hidden, load_config(None, overrides).model.moe)
+    return factory(args.dim, args.hidden, load_config(None, overrides).model.moe)
 
 
 def _step(module, x: torch.Tensor):

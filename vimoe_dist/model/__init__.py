@@ -12,6 +12,7 @@ from typing import Any
 
 _EXPORTS = {
     "MoEFFN": "vimoe_dist.model.moe.layer",
+    "MoELayer": "vimoe_dist.model.moe.layer",
     "aux_loss": "vimoe_dist.model.build",
     "build_dense": "vimoe_dist.model.build",
     "build_model": "vimoe_dist.model.build",
