@@ -1,6 +1,7 @@
-"""The model package is single-device PyTorch: it never imports torch.distributed, deepspeed, webdataset,
-prometheus_client, fairscale or our parallel package (parallelism is applied from outside, after construction), not
-directly, not through another module of ours, and not by a string handed to importlib."""
+"""Package boundaries. The model package is single-device PyTorch: it never imports torch.distributed, deepspeed,
+webdataset, prometheus_client, fairscale or our parallel package (parallelism is applied from outside, after
+construction), not directly, not through another module of ours, and not by a string handed to importlib. And
+`vimoe_dist/parallel/` is the one home of torch.distributed, DeepSpeed and fairscale: no other module imports them."""
 
 import ast
 from pathlib import Path
@@ -12,7 +13,10 @@ MODEL = PACKAGE / "model"
 FORBIDDEN = ("torch.distributed", "deepspeed", "webdataset", "prometheus_client", "fairscale", "vimoe_dist.parallel")
 
 
-def imported_modules(source: str) -> list[str]:
+DISTRIBUTED = ("torch.distributed", "deepspeed", "fairscale")
+
+
+def imported_modules(source: str, strings: bool = True) -> list[str]:
     """Every module `source` imports: import statements anywhere (function-level ones included), and string
     constants that name a module (a dotted path, optionally with `:attr`, as importlib and lazy export tables spell
     them; prose has spaces and is not taken for one)."""
@@ -22,12 +26,14 @@ def imported_modules(source: str) -> list[str]:
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.append(node.module)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _looks_like_module(node.value):
+        elif strings and isinstance(node, ast.Constant) and _looks_like_module(node.value):
             names.append(node.value.split(":")[0])
     return names
 
 
-def _looks_like_module(text: str) -> bool:
+def _looks_like_module(text: object) -> bool:
+    if not isinstance(text, str):
+        return False
     path = text.split(":")[0]
     return "." in path and " " not in text and all(part.isidentifier() for part in path.split("."))
 
@@ -62,6 +68,15 @@ def _module_file(name: str, root: Path) -> Path | None:
 def test_model_imports_no_distributed_code(path):
     bad = sorted(m for m in reachable(path) if m.startswith(FORBIDDEN))
     assert bad == []
+
+
+OUTSIDE_PARALLEL = sorted(p for p in PACKAGE.rglob("*.py") if "parallel" not in p.relative_to(PACKAGE).parts)
+
+
+@pytest.mark.parametrize("path", OUTSIDE_PARALLEL, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_the_parallel_package_imports_distributed_code(path):
+    # import statements only: `python -m torch.distributed.run` in a launcher's command line is no import
+    assert [m for m in imported_modules(path.read_text(), strings=False) if m.startswith(DISTRIBUTED)] == []
 
 
 def test_the_check_sees_imports():

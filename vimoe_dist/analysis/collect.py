@@ -80,12 +80,7 @@ def run_routing(
 
 
 def _all_reduce_counts(correct: torch.Tensor, images: torch.Tensor) -> tuple[int, int]:
-    import torch.distributed as dist
+    from vimoe_dist.parallel.collectives import sum_to_host
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        buf = torch.stack([correct, images])
-        if dist.get_backend() == "nccl":
-            buf = buf.cuda()
-        dist.all_reduce(buf)
-        correct, images = buf.cpu()
+    correct, images = sum_to_host(torch.stack([correct, images]))
     return int(correct), int(images)

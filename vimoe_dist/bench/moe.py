@@ -21,7 +21,7 @@ from timm.layers import Mlp
 
 from vimoe_dist.bench.timing import interleaved_samples, paired_ratio, print_table, write_json
 from vimoe_dist.config import load_config
-from vimoe_dist.model.moe.registry import ALL_ROUTER_OPTIONS, ROUTER_SPECS
+from vimoe_dist.model.moe.registry import ALL_ROUTER_OPTIONS, ROUTER_NAMES, ROUTER_SPECS
 
 
 def _moe(impl: str, router: str, k: int, args: argparse.Namespace, capacity_factor: float | None = -1.0):
@@ -57,8 +57,6 @@ def _step(module, x: torch.Tensor):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from vimoe_dist.model.moe.routers import ROUTERS
-
     torch.manual_seed(0)
     x = torch.randn(args.images, args.tokens, args.dim)
     variants, meta = {}, {}
@@ -66,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
         xk = x.repeat(k, 1, 1)
         variants[f"dense x{k}"] = _step(Mlp(args.dim, args.hidden), xk)
         meta[f"dense x{k}"] = {"impl": "timm Mlp", "router": "-", "k": k}
-    for name in sorted(ROUTERS):
+    for name in ROUTER_NAMES:
         k = 1 if name == "soft" else args.top_k
         variants[f"vimoe {name}"] = _step(_moe("vimoe", name, k, args), x)
         meta[f"vimoe {name}"] = {"impl": "vimoe", "router": name, "k": k}

@@ -41,8 +41,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
+    from vimoe_dist.analysis.loading import load_model
     from vimoe_dist.data import build_val_loader
-    from vimoe_dist.train.checkpoint import load_model
     from vimoe_dist.train.evaluate import evaluate
 
     cfg = _load(args)
@@ -56,7 +56,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from vimoe_dist.train.checkpoint import load_model
+    from vimoe_dist.analysis.loading import load_model
 
     cfg = _load(args)
     model = load_model(cfg, args.checkpoint)
