@@ -1,4 +1,4 @@
-"""`vimoe train`, `vimoe eval`, `vimoe export`."""
+"""`vimoe train`, `vimoe eval`, `vimoe export`, `vimoe demo`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR")
     p.add_argument("--out", required=True, metavar="FILE", help="e.g. model.safetensors")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("demo", help="write the digits shards and train the demo expert-parallel on 2 CPU ranks")
+    p.add_argument("--out", default="runs/digits", help="run directory")
+    p.set_defaults(func=_demo)
 
 
 def _load(args: argparse.Namespace):
@@ -64,3 +68,9 @@ def _export(args: argparse.Namespace) -> int:
     save_file(state, args.out, metadata={"format": "vimoe", "backbone": cfg.model.backbone})
     print(f"wrote {args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters")
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vimoe_dist.train.demo import run_demo
+
+    return run_demo(args.out)
