@@ -16,7 +16,8 @@ from vimoe_dist.model.moe.routers import ROUTERS
 
 def constructor_options(cls: type) -> set[str]:
     """The keyword parameters of a router's constructor and of its bases' (a `**kw` passes on to the base); the
-    loss weights arrive through `**loss_weights` to `AuxLossWeights`, whose parameters are read instead."""
+    loss weights arrive through `**loss_weights` to `AuxLossWeights`, whose parameters are read instead. `num_units`
+    (the units per routing group) is a fact of the layer that `build_router` passes, not a config option."""
     from vimoe_dist.model.moe.routers.common import AuxLossWeights
 
     names: set[str] = set()
@@ -27,7 +28,7 @@ def constructor_options(cls: type) -> set[str]:
         names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
         if any(p.kind is p.VAR_KEYWORD and p.name == "loss_weights" for p in params):
             names |= set(inspect.signature(AuxLossWeights.__init__).parameters) - {"self"}
-    return names - {"self", "dim", "num_experts"}
+    return names - {"self", "dim", "num_experts", "num_units"}
 
 
 @pytest.mark.parametrize("name", ROUTER_NAMES)
