@@ -2,7 +2,7 @@
 
 Each works in place and returns its tensor, and does nothing in a process without a process group (one rank: the
 reduction of one value is the value). Backend differences live here: gloo has no AVG reduction, and NCCL reduces
-GPU tensors only.
+GPU tensors only (a host tensor, such as the checkpoint's agreement flags, goes through the GPU and back).
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if not is_initialized():
         return t
     if dist.get_backend() == "gloo":
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.div_(dist.get_world_size())
+        return _reduce(t, dist.ReduceOp.SUM).div_(dist.get_world_size())
     return _reduce(t, dist.ReduceOp.AVG)
 
 
@@ -56,13 +55,8 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
 
 
 def sum_to_host(t: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks of a tensor held anywhere, returned on the CPU (through the GPU under NCCL)."""
-    if not is_initialized() or dist.get_world_size() == 1:
-        return t.cpu()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
-    buf = t.to(device)
-    dist.all_reduce(buf)
-    return buf.cpu()
+    """The sum over ranks of `t` (reduced in place), returned on the CPU."""
+    return all_reduce_sum(t).cpu()
 
 
 def all_gather_object(obj: object) -> list:
@@ -75,6 +69,11 @@ def all_gather_object(obj: object) -> list:
 
 
 def _reduce(t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
-    if is_initialized():
-        dist.all_reduce(t, op=op)
+    if not is_initialized():
+        return t
+    if dist.get_backend() == "nccl" and not t.is_cuda:
+        buf = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(buf, op=op)
+        return t.copy_(buf)
+    dist.all_reduce(t, op=op)
     return t
