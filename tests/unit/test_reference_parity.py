@@ -135,3 +135,16 @@ def test_a_reference_layer_is_injected_as_the_layer_factory():
     assert list(layers) == [1] and isinstance(layers[1], DeepSpeedMoEFFN)
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)
     assert aux_loss(model) > 0
+
+
+def test_fairscale_missing_is_one_line_saying_how_to_install_it(monkeypatch):
+    import importlib
+    import sys
+
+    from vimoe_dist.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "fairscale", None)  # as if it were not installed: importing it raises
+    for name in [m for m in sys.modules if m.startswith("fairscale.") or m.endswith(".fairscale_moe")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(UserError, match=r"pip install 'vimoe-dist\[fairscale\]'$"):
+        importlib.import_module("vimoe_dist.parallel.reference.fairscale_moe")

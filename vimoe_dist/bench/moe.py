@@ -26,11 +26,7 @@ from vimoe_dist.model.moe.registry import ALL_ROUTER_OPTIONS, ROUTER_NAMES, ROUT
 
 def _moe(impl: str, router: str, k: int, args: argparse.Namespace, capacity_factor: float | None = -1.0):
     """One MoE FFN: ours (`build_moe`) or a reference layer, passed in as the layer factory it is."""
-    from vimoe_dist.model import build_moe
-    from vimoe_dist.parallel.reference.deepspeed_moe import DeepSpeedMoEFFN
-    from vimoe_dist.parallel.reference.fairscale_moe import FairscaleMoEFFN
-
-    factory = {"vimoe": build_moe, "deepspeed": DeepSpeedMoEFFN, "fairscale": FairscaleMoEFFN}[impl]
+    factory = _layer_factory(impl)
     cf = args.capacity_factor if capacity_factor == -1.0 else capacity_factor
     torch.manual_seed(0)  # the same gate and expert weights in every variant: loads differ only by the algorithm
     overrides = [
@@ -43,6 +39,22 @@ def _moe(impl: str, router: str, k: int, args: argparse.Namespace, capacity_fact
     ignored = {f"model.moe.{o}" for o in ALL_ROUTER_OPTIONS if o not in ROUTER_SPECS[router].options}
     overrides = [o for o in overrides if o.split("=")[0] not in ignored]
     return factory(args.dim, args.hidden, load_config(None, overrides).model.moe)
+
+
+def _layer_factory(impl: str):
+    """Ours, or a reference layer (`vimoe_dist.parallel.reference`, imported only when asked for: fairscale is an
+    optional extra)."""
+    if impl == "deepspeed":
+        from vimoe_dist.parallel.reference.deepspeed_moe import DeepSpeedMoEFFN
+
+        return DeepSpeedMoEFFN
+    if impl == "fairscale":
+        from vimoe_dist.parallel.reference.fairscale_moe import FairscaleMoEFFN
+
+        return FairscaleMoEFFN
+    from vimoe_dist.model import build_moe
+
+    return build_moe
 
 
 def _step(module, x: torch.Tensor):

@@ -12,12 +12,20 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from fairscale.nn.moe import MOELayer, Top2Gate
 from timm.layers import Mlp
 from torch import nn
 
 from vimoe_dist.config import MoEConfig
+from vimoe_dist.errors import UserError
 from vimoe_dist.parallel.reference.common import ReferenceMoEFFN
+
+try:  # an optional extra: this layer is a comparison baseline, and fairscale (2022) ships as source only
+    from fairscale.nn.moe import MOELayer, Top2Gate
+except ImportError:
+    raise UserError(
+        "fairscale's MoE layer (a baseline of `vimoe bench moe`) needs the fairscale package: "
+        "pip install 'vimoe-dist[fairscale]'"
+    ) from None
 
 
 def _ensure_process_group() -> None:
