@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from vimoe_dist.errors import UserError
+from vimoe_dist.model.moe.registry import ALL_ROUTER_OPTIONS, ROUTER_NAMES, ROUTER_SPECS
 from vimoe_dist.resources import find_config
 
 
@@ -92,9 +93,8 @@ class MoEConfig:
     routing: str = "image"  # image | token
     pool: str = "cls"  # image routing: cls | mean (of patch tokens)
     group_size: int = 8  # images per routing group; capacity and routing never cross groups
-    impl: str = "vimoe"  # vimoe | deepspeed | fairscale
     hidden_ratio: float | None = None  # expert hidden size / dim; None: the backbone's mlp_ratio
-    # router options (each router reads the ones it knows; see routers/__init__.py)
+    # router options: each router takes the ones model/moe/registry.py lists for it; setting another is an error
     bpr: bool = True
     renormalize: bool = False
     noise_std: float = 0.0
@@ -191,9 +191,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
+    _drop_retired_impl(raw)
     cfg = from_dict(Config, raw, prefix="")
     validate(cfg)
     return cfg
+
+
+def _drop_retired_impl(raw: dict) -> None:
+    """`model.moe.impl` left the config: the trainer builds our MoE layer only, and DeepSpeed's and fairscale's
+    layers are comparison baselines that `vimoe bench moe` and the parity tests pass as layer factories. The
+    `config.yaml` of an older run still says `impl: vimoe`, which is dropped; any other value is refused."""
+    model = raw.get("model")
+    moe = model.get("moe") if isinstance(model, dict) else None
+    if isinstance(moe, dict) and "impl" in moe:
+        impl = moe.pop("impl")
+        if impl != "vimoe":
+            raise ConfigError(
+                f"model.moe.impl: {impl!r} cannot be trained; DeepSpeed's and fairscale's layers are comparison "
+                "baselines (`vimoe bench moe`): remove the key"
+            )
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -475,12 +491,8 @@ def _type_name(tp: Any) -> str:
 
 # -------------------------------------------------------------------------------------------- validation
 
-# the registry's names (vimoe_dist/model/moe/routers/__init__.py; a test keeps the two equal): listed here so that
-# validating a config, e.g. on a login node before `vimoe launch`, does not import torch
-ROUTER_NAMES = ("ec-sinkhorn", "ec-softmax", "ec-sparse", "soft", "tc-sinkhorn", "tc-softmax")
 ROUTING_MODES = ("image", "token")
 POOL_MODES = ("cls", "mean")
-IMPLS = ("vimoe", "deepspeed", "fairscale")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_ORDERS = ("stream", "exact")
 
@@ -671,6 +683,7 @@ def validate(cfg: Config) -> None:
     _positive("model.moe.num_experts", moe.num_experts)
     if moe.router not in ROUTER_NAMES:
         raise ConfigError(f"model.moe.router: unknown router {_show(moe.router)}; known: {', '.join(ROUTER_NAMES)}")
+    check_router_options(moe)
     _positive("model.moe.top_k", moe.top_k)
     if moe.top_k > moe.num_experts:
         raise ConfigError(f"model.moe.top_k: {moe.top_k} is more than model.moe.num_experts={moe.num_experts}")
@@ -682,7 +695,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.moe.capacity_factor: null (dropless) needs router tc-softmax, not {moe.router!r}")
     _choice("model.moe.routing", moe.routing, ROUTING_MODES)
     _choice("model.moe.pool", moe.pool, POOL_MODES)
-    _choice("model.moe.impl", moe.impl, IMPLS)
     _positive("model.moe.group_size", moe.group_size)
     _positive("model.moe.slots_per_expert", moe.slots_per_expert)
     _positive("model.moe.sinkhorn_iters", moe.sinkhorn_iters)
@@ -691,11 +703,6 @@ def validate(cfg: Config) -> None:
         _positive(f"model.moe.{key}", getattr(moe, key), allow_zero=True)
     if moe.load_loss and not moe.noise_std:
         raise ConfigError("model.moe.load_loss: the smooth load loss needs model.moe.noise_std > 0")
-    if moe.impl != "vimoe":
-        if moe.router != "tc-softmax" or moe.top_k not in (1, 2):
-            raise ConfigError(f"model.moe.impl: {moe.impl!r} supports only router tc-softmax with top_k 1 or 2")
-        if moe.routing != "token":
-            raise ConfigError(f"model.moe.impl: {moe.impl!r} routes tokens; set model.moe.routing=token")
     parse_layers(moe.layers, depth=None)
     if p.ep_size > 1 and moe.num_experts % p.ep_size:
         raise ConfigError(f"parallel.ep_size: {p.ep_size} does not divide model.moe.num_experts={moe.num_experts}")
@@ -748,23 +755,45 @@ def _validate_wandb(w: WandbConfig) -> None:
         raise ConfigError(f"metrics.wandb.tags: expected a list of strings, got {_show(tags)}")
 
 
+def check_router_options(moe: MoEConfig) -> None:
+    """An option the chosen router does not take (`sinkhorn_iters` with `tc-softmax`, `top_k` with `soft`) is an
+    error rather than silently ignored; options are told apart from their defaults, since a resolved `config.yaml`
+    holds every key."""
+    takes = ROUTER_SPECS[moe.router].options
+    defaults = MoEConfig()
+    for name in ALL_ROUTER_OPTIONS:
+        if name not in takes and getattr(moe, name) != getattr(defaults, name):
+            raise ConfigError(
+                f"model.moe.{name}: router {moe.router} does not take this option (it takes {', '.join(takes)}); "
+                f"leave it at its default {getattr(defaults, name)!r} or choose a router that does"
+            )
+
+
 def check_layout(cfg: Config, world: int) -> None:
-    """The parallel layout must divide evenly on `world` ranks; the trainer checks it before any work starts and the
+    """The parallel layout must divide evenly on `world` ranks; the trainer checks it before the rendezvous and the
     launchers before they start any rank."""
-    p, t, moe = cfg.parallel, cfg.train, cfg.model.moe
-    if world % p.ep_size:
-        raise ConfigError(f"parallel.ep_size: {p.ep_size} does not divide the world size {world}")
-    if t.global_batch_size % (world * t.grad_accum):
+    if world % cfg.parallel.ep_size:
+        raise ConfigError(f"parallel.ep_size: {cfg.parallel.ep_size} does not divide the world size {world}")
+    micro_batch_size(cfg, world)
+
+
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    """Images per rank per forward, train.global_batch_size / (world_size x train.grad_accum): the one definition (the
+    data loaders, the DeepSpeed config and the layout check read it here). Routing groups never span ranks, so it
+    must be a multiple of model.moe.group_size."""
+    t, group = cfg.train, cfg.model.moe.group_size
+    if t.global_batch_size % (world_size * t.grad_accum):
         raise ConfigError(
-            f"train.global_batch_size: {t.global_batch_size} is not divisible by world size {world} x "
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by world size {world_size} x "
             f"train.grad_accum {t.grad_accum}"
         )
-    micro = t.global_batch_size // (world * t.grad_accum)
-    if micro % moe.group_size:
+    micro = t.global_batch_size // (world_size * t.grad_accum)
+    if micro % group:
         raise ConfigError(
-            f"model.moe.group_size: {moe.group_size} does not divide the per-rank micro-batch of {micro} images "
-            f"(train.global_batch_size {t.global_batch_size} / {world} ranks / {t.grad_accum} accumulation)"
+            f"model.moe.group_size: {group} does not divide the per-rank micro-batch of {micro} images "
+            f"(train.global_batch_size {t.global_batch_size} / {world_size} ranks / {t.grad_accum} accumulation)"
         )
+    return micro
 
 
 def parse_layers(layers: Any, depth: int | None) -> list[int]:

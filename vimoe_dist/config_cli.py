@@ -54,7 +54,7 @@ def world_size(cfg, nproc: int | None, nodes: int | None, gpus_per_node: int | N
 
 def layout_lines(cfg, report, how: str) -> list[str]:
     """The layout `cfg` implies on `report.world_size` ranks, one `label: value` line each."""
-    from vimoe_dist.data.loader import micro_batch_size
+    from vimoe_dist.config import micro_batch_size
 
     t, p, moe = cfg.train, cfg.parallel, cfg.model.moe
     world = report.world_size

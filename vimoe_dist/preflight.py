@@ -36,7 +36,7 @@ def preflight(cfg: Config, world_size: int) -> PreflightReport:
     Raises:
         UserError: the first check that fails (a `ConfigError` for a bad key or value), in one line naming the key.
     """
-    from vimoe_dist.train.loop import check_config
+    from vimoe_dist.train.setup import check_config
 
     check_config(cfg)
     check_layout(cfg, world_size)

@@ -164,7 +164,8 @@ def assert_no_rank_traceback(log: str) -> None:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    from vimoe_dist.train.checkpoint import latest_tag, single_device_state_dict
+    from vimoe_dist.parallel.checkpoint_layout import single_device_state_dict
+    from vimoe_dist.train.checkpoint import latest_tag
 
     root = out / "checkpoints"
     return single_device_state_dict(root, latest_tag(root))

@@ -16,7 +16,8 @@ import subprocess
 import pytest
 from conftest import assert_no_rank_traceback, assert_same_weights, final_weights
 
-from vimoe_dist.train.checkpoint import latest_tag, single_device_state_dict
+from vimoe_dist.parallel.checkpoint_layout import single_device_state_dict
+from vimoe_dist.train.checkpoint import latest_tag
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""Naming the rank that broke a collective (vimoe_dist/train/peers.py) against a real TCPStore: the survivors,
+"""Naming the rank that broke a collective (vimoe_dist/parallel/peers.py) against a real TCPStore: the survivors,
 checking in from threads as the ranks of a job would, name exactly the rank that never did; a store whose host is
 gone gives "unknown" with the reason instead of hanging."""
 
@@ -11,7 +11,7 @@ import time
 
 import torch.distributed as dist
 
-from vimoe_dist.train.peers import check_in_wait_s, describe_failure, missing_ranks
+from vimoe_dist.parallel.peers import check_in_wait_s, describe_failure, missing_ranks
 
 
 def _store(port: int, is_master: bool) -> dist.TCPStore:

@@ -18,7 +18,8 @@ import json
 import pytest
 from conftest import assert_same_weights
 
-from vimoe_dist.train.checkpoint import latest_tag, single_device_state_dict
+from vimoe_dist.parallel.checkpoint_layout import single_device_state_dict
+from vimoe_dist.train.checkpoint import latest_tag
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 

@@ -101,7 +101,7 @@ def test_pretrained_pickle_needs_trust_and_never_runs_code(tmp_path):
 
 def test_checkpoint_of_unknown_origin_is_checked_before_loading(tmp_path):
     """`vimoe eval/export --checkpoint DIR` reads files that may come from anywhere: weights_only as well."""
-    from vimoe_dist.train.checkpoint import load_model
+    from vimoe_dist.analysis.loading import load_model
 
     marker = tmp_path / "ran"
     tag = tmp_path / "ckpt" / "step_00000001"

@@ -1,7 +1,7 @@
 """One rank of the layout-invariance check (started by torchrun from test_layout_invariance.py).
 
-Feeds the same global batches from memory (rank r takes its slice) through the trainer's own `build_engine` and
-records the global mean loss of every step and this rank's expert parameter count.
+Feeds the same global batches from memory (rank r takes its slice) through the trainer's own steps (build,
+parallelize, `build_engine`) and records the global mean loss of every step and this rank's expert parameter count.
 Usage: torchrun --nproc-per-node N tests/multiproc/layout_worker.py OUT.json EP_SIZE ROUTER [ROUTER ...]
 """
 
@@ -12,8 +12,12 @@ import torch
 import torch.distributed as dist
 
 from vimoe_dist.config import load_config
+from vimoe_dist.model import aux_loss, build_model, moe_layers
+from vimoe_dist.parallel.engine import unwrap
+from vimoe_dist.parallel.env import resolve_env
 from vimoe_dist.parallel.init import init_distributed
-from vimoe_dist.train.loop import build_criterion, build_engine
+from vimoe_dist.parallel.parallelize import parallelize
+from vimoe_dist.train.setup import build_criterion, build_engine, seed_everything
 
 ROUTERS = {
     # tc-softmax with a capacity that drops tokens, token routing
@@ -48,11 +52,14 @@ def main() -> None:
                 *ROUTERS[router],
             ],
         )
-        env = init_distributed(cfg)
+        env = resolve_env()
+        init_distributed(cfg, env)
         rank, world = env.rank, env.world_size
-        engine, _, scheduler = build_engine(cfg, world)
+        seed_everything(cfg.run.seed)
+        model = parallelize(build_model(cfg.model), cfg.parallel.ep_size)
+        engine, _, scheduler = build_engine(model, cfg, world)
         criterion = build_criterion(cfg)
-        moe = [b.mlp for b in engine.module.blocks if hasattr(b.mlp, "aux_loss")]
+        layers = moe_layers(unwrap(engine))
         expert_params = sum(p.numel() for p in engine.module.parameters() if getattr(p, "allreduce", True) is False)
         gen = torch.Generator().manual_seed(1234)
         losses = []
@@ -62,7 +69,7 @@ def main() -> None:
             labels = torch.randint(0, 10, (GLOBAL_BATCH,), generator=gen)
             mine = slice(rank * b, (rank + 1) * b)
             logits = engine(images[mine])
-            loss = criterion(logits, labels[mine]) + sum(m.aux_loss for m in moe)
+            loss = criterion(logits, labels[mine]) + aux_loss(layers)
             engine.backward(loss)
             engine.step()
             scheduler.step_update(step + 1)
@@ -72,7 +79,7 @@ def main() -> None:
         results[router] = {
             "losses": losses,
             "expert_params": expert_params,
-            "local_experts": moe[0].experts.num_experts,
+            "local_experts": layers[min(layers)].experts.num_experts,
         }
     if dist.get_rank() == 0:
         with open(out, "w") as f:

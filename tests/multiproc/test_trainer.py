@@ -12,7 +12,8 @@ import pytest
 import torch
 from support import TINY_RUN
 
-from vimoe_dist.train.checkpoint import latest_tag, single_device_state_dict
+from vimoe_dist.parallel.checkpoint_layout import single_device_state_dict
+from vimoe_dist.train.checkpoint import latest_tag
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -142,6 +143,23 @@ def test_bad_input_is_one_line_before_training(digits, tmp_path, overrides, need
     assert errors and needle in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_layout_error_comes_before_the_rendezvous(digits, tmp_path):
+    """WORLD_SIZE=3 with ep_size 2 cannot work: rank 0 says so at once, instead of waiting at the rendezvous for ranks
+    that never come (parallel.timeout_s, 600 s here) and then printing a traceback."""
+    from vimoe_dist.net import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port("127.0.0.1"))}  # fmt: skip
+    data = [f"data.train={digits}/train-{{000000..000011}}.tar", f"data.val={digits}/val-{{000000..000002}}.tar"]
+    cmd = [sys.executable, "-m", "vimoe_dist", "train", "--config", "configs/digits.yaml", *data, *TINY_RUN,
+           f"run.out_dir={tmp_path / 'run'}", "parallel.ep_size=2", "parallel.timeout_s=600"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=Path(__file__).parents[2])
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert errors == ["vimoe train: error: parallel.ep_size: 2 does not divide the world size 3"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_incompatible_checkpoint_is_a_clear_error(runs, digits, tmp_path):

@@ -59,7 +59,7 @@ def launch(digits, out: Path, launcher: str, steps: int, checkpoint_every: int, 
 
 
 @pytest.mark.parametrize(
-    ("launcher", "module"), [("deepspeed", "deepspeed.launcher.runner"), ("torchrun", "vimoe_dist.launch.torchrun")]
+    ("launcher", "module"), [("deepspeed", "deepspeed.launcher.runner"), ("torchrun", "vimoe_dist.parallel.torchrun")]
 )
 def test_local_launcher_trains_digits(digits, tmp_path, launcher, module):
     out = tmp_path / "run"

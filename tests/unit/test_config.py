@@ -324,7 +324,8 @@ def test_the_bounds_allow_their_edges():
 
 
 def test_the_largest_seed_seeds_every_step():
-    from vimoe_dist.train.loop import seed_everything, seed_step
+    from vimoe_dist.train.setup import seed_everything
+    from vimoe_dist.train.step import seed_step
 
     seed_everything(2**63 - 1)
     seed_step(2**63 - 1, 10**9, 4095)
@@ -384,3 +385,13 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_impl_left_the_training_config(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.moe.impl=deepspeed"])
+    assert str(e.value).startswith("model.moe.impl: 'deepspeed'") and "\n" not in str(e.value)
+    # the config.yaml of an older run names our layer: it still loads
+    old = tmp_path / "config.yaml"
+    old.write_text("model:\n  moe:\n    impl: vimoe\n    num_experts: 4\n")
+    assert load_config(old).model.moe.num_experts == 4

@@ -60,9 +60,9 @@ def test_one_channel_model_and_mixup_targets(digits):
 
 
 def test_batch_size_rules_name_the_keys(digits):
-    with pytest.raises(UserError, match=r"global_batch_size=32 is not divisible by world_size x train\.grad_accum"):
+    with pytest.raises(UserError, match=r"train\.global_batch_size: 32 is not divisible by world size"):
         micro_batch_size(make_cfg(digits), world_size=3)
-    with pytest.raises(UserError, match=r"model.moe.group_size=8"):
+    with pytest.raises(UserError, match=r"model\.moe\.group_size: 8 does not divide"):
         micro_batch_size(make_cfg(digits, "model.moe.group_size=8"), world_size=8)
     assert micro_batch_size(make_cfg(digits, "train.grad_accum=2"), world_size=2) == 8
     with pytest.raises(UserError, match="must be even"):

@@ -136,7 +136,7 @@ def test_failing_checks_exit_1_and_say_so(tmp_path):
 
 def test_an_unbuilt_deepspeed_op_is_a_warning(tmp_path):
     """The real DeepSpeed probe with an empty extensions folder: the op its CPU accelerator JIT-builds is missing."""
-    facts, why = Subprocess(["-m", "vimoe_dist.doctor.probe", "deepspeed"], 180,
+    facts, why = Subprocess(["-m", "vimoe_dist.parallel.probe", "deepspeed"], 180,
                             {"TORCH_EXTENSIONS_DIR": str(tmp_path)}).result()  # fmt: skip
     assert facts is not None, why
     if facts["accelerator"] != "cpu":

@@ -69,7 +69,8 @@ def test_local_torchrun_dry_run(config, capsys):
     assert code == 0
     assert shlex.split(out) == [
         "env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",  # a fresh rendezvous store for every restart round
-        PY, "-m", "vimoe_dist.launch.torchrun", "--nproc-per-node=4", "--nnodes=1", "--standalone", "--max-restarts=1",
+        PY, "-m", "vimoe_dist.parallel.torchrun",
+        "--nproc-per-node=4", "--nnodes=1", "--standalone", "--max-restarts=1",
         "-m", "vimoe_dist", "train", "--config", str(config),
     ]  # fmt: skip
 

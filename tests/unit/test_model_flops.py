@@ -25,7 +25,7 @@ PATCHES = (IMG // P) ** 2
 N = PATCHES + 1
 
 
-def _model(*overrides: str):
+def _model(*overrides: str, moe_layer=None):
     cfg = load_config(
         None,
         [
@@ -36,6 +36,8 @@ def _model(*overrides: str):
         ],
     )  # fmt: skip
     torch.manual_seed(0)
+    if moe_layer is not None:
+        return build_model(cfg.model, moe_layer=moe_layer).eval()
     return build_model(cfg.model).eval()
 
 
@@ -73,9 +75,7 @@ def test_routers_nominal_rows():
     assert nominal_expert_rows(ec) == {1: E * 3 * N / 4, 2: E * 3 * N / 4}
     # Soft MoE, 2 slots per expert, image routing: E * S slots of N rows per group of 4 images; the slot mixing
     # multiplies every token with every slot twice (dispatch, combine)
-    soft = _model(
-        "model.moe.router=soft", "model.moe.top_k=1", "model.moe.slots_per_expert=2", "model.moe.switch_loss=0"
-    )
+    soft = _model("model.moe.router=soft", "model.moe.slots_per_expert=2", "model.moe.switch_loss=0")
     f = model_flops(soft)
     assert nominal_expert_rows(soft) == {1: E * 2 * N / 4, 2: E * 2 * N / 4}
     assert f.router == 2 * (2 * D * E * 2)
@@ -124,11 +124,14 @@ def test_training_is_three_forwards_less_the_patch_embedding_input_gradient():
 
 
 def test_soft_moe_matches_torch_flop_counter():
-    model = _model("model.moe.router=soft", "model.moe.top_k=1", "model.moe.switch_loss=0")
+    model = _model("model.moe.router=soft", "model.moe.switch_loss=0")
     assert model_flops(model).forward * 8 == _counted(model, torch.randn(8, C, IMG, IMG))
 
 
-def test_reference_impls_are_refused_in_one_line():
-    model = _model("model.moe.impl=deepspeed", "model.moe.routing=token", "model.moe.group_size=8")
-    with pytest.raises(ValueError, match=r"counted only for model\.moe\.impl vimoe"):
+@pytest.mark.slow  # the reference layer imports DeepSpeed
+def test_reference_layers_are_refused_in_one_line():
+    from vimoe_dist.parallel.reference.deepspeed_moe import DeepSpeedMoEFFN
+
+    model = _model("model.moe.routing=token", "model.moe.group_size=8", moe_layer=DeepSpeedMoEFFN)
+    with pytest.raises(ValueError, match=r"counted only for ViMoE's own MoE layer \(MoEFFN\)"):
         model_flops(model)

@@ -1,11 +1,14 @@
 """Parity with DeepSpeed's top-1/top-2 gates and fairscale's GShard Top2Gate on the same weights, nothing dropped:
-the same outputs. Both libraries' layers are the real ones (`vimoe_dist.reference`)."""
+the same outputs. Both libraries' layers are the real ones (`vimoe_dist.parallel.reference`), passed as layer
+factories in place of `build_moe`."""
 
 import pytest
 import torch
 
 from vimoe_dist.config import load_config
 from vimoe_dist.model import build_moe
+from vimoe_dist.parallel.reference.deepspeed_moe import DeepSpeedMoEFFN
+from vimoe_dist.parallel.reference.fairscale_moe import FairscaleMoEFFN
 
 DIM, HIDDEN = 8, 16
 
@@ -46,11 +49,10 @@ def test_deepspeed_top_k_gate_parity(top_k, shared):
         "model.moe.capacity_factor=4.0",
         f"model.moe.renormalize={top_k == 2}",
         f"model.moe.shared_expert={shared}",
-        "model.moe.impl=vimoe",
     ]
     torch.manual_seed(0)
     x = torch.randn(2, 12, DIM)
-    ref = build_moe(DIM, HIDDEN, moe_cfg(*overrides, "model.moe.impl=deepspeed")).eval()
+    ref = DeepSpeedMoEFFN(DIM, HIDDEN, moe_cfg(*overrides)).eval()
     ours = build_moe(DIM, HIDDEN, moe_cfg(*overrides, "model.moe.group_size=2")).eval()
     layer = ref.moe.deepspeed_moe
     copy_into_ours(ours, layer.gate.wg.weight, distinct(layer.experts.deepspeed_experts), ref.shared)
@@ -69,7 +71,7 @@ def test_deepspeed_parity_fails_when_weights_differ():
     ]
     torch.manual_seed(0)
     x = torch.randn(2, 12, DIM)
-    ref = build_moe(DIM, HIDDEN, moe_cfg(*overrides, "model.moe.impl=deepspeed")).eval()
+    ref = DeepSpeedMoEFFN(DIM, HIDDEN, moe_cfg(*overrides)).eval()
     ours = build_moe(DIM, HIDDEN, moe_cfg(*overrides, "model.moe.group_size=2")).eval()
     layer = ref.moe.deepspeed_moe
     copy_into_ours(ours, layer.gate.wg.weight * 1.5, distinct(layer.experts.deepspeed_experts))
@@ -100,7 +102,7 @@ def test_fairscale_top2_gate_parity(monkeypatch):
         "model.moe.shared_expert=false",
     ]
     torch.manual_seed(0)
-    ref = build_moe(DIM, HIDDEN, moe_cfg(*overrides, "model.moe.impl=fairscale")).eval()
+    ref = FairscaleMoEFFN(DIM, HIDDEN, moe_cfg(*overrides)).eval()
     ours = build_moe(DIM, HIDDEN, moe_cfg(*overrides, "model.moe.group_size=1")).eval()
     gate = torch.zeros(4, DIM)
     gate[:, :4] = torch.eye(4)
@@ -111,3 +113,38 @@ def test_fairscale_top2_gate_parity(monkeypatch):
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
     assert ours.last_stats["dropped"] == 0
     assert ref.last_stats["tokens"].tolist() == [4, 4, 4, 4] == ours.last_stats["tokens"].tolist()
+
+
+def test_a_reference_layer_is_injected_as_the_layer_factory():
+    from vimoe_dist.model import aux_loss, build_model, moe_layers
+
+    cfg = load_config(
+        None,
+        [
+            "model.backbone=vit_tiny_patch16_224",
+            "model.img_size=16",
+            "model.num_classes=3",
+            "model.backbone_kwargs={patch_size: 4, embed_dim: 16, depth: 2, num_heads: 2}",
+            "model.moe.layers=last-1",
+            "model.moe.num_experts=4",
+            "model.moe.routing=token",
+        ],
+    )
+    model = build_model(cfg.model, moe_layer=DeepSpeedMoEFFN)
+    layers = moe_layers(model)
+    assert list(layers) == [1] and isinstance(layers[1], DeepSpeedMoEFFN)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+    assert aux_loss(model) > 0
+
+
+def test_fairscale_missing_is_one_line_saying_how_to_install_it(monkeypatch):
+    import importlib
+    import sys
+
+    from vimoe_dist.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "fairscale", None)  # as if it were not installed: importing it raises
+    for name in [m for m in sys.modules if m.startswith("fairscale.") or m.endswith(".fairscale_moe")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(UserError, match=r"pip install 'vimoe-dist\[fairscale\]'$"):
+        importlib.import_module("vimoe_dist.parallel.reference.fairscale_moe")

@@ -172,20 +172,14 @@ class RoutingAccumulator:
 
     def all_reduce(self) -> None:
         """Sums every rank's statistics into every rank (a no-op without an initialised process group)."""
-        import torch.distributed as dist
+        from vimoe_dist.parallel import collectives
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if collectives.world_size() == 1:
             return
         for layer in self.layers.values():
             for name in LayerRouting.SUMMED:
-                t = getattr(layer, name)
-                # nccl reduces GPU tensors only; gloo reduces them where they are
-                dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
-                buf = t.to(dev)
-                dist.all_reduce(buf)
-                setattr(layer, name, buf.cpu())
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, layer.shares_and_labels())
+                setattr(layer, name, collectives.sum_to_host(getattr(layer, name)))
+            gathered = collectives.all_gather_object(layer.shares_and_labels())
             layer.image_shares = [g[0] for g in gathered]
             layer.image_labels = [g[1] for g in gathered]
 

@@ -44,17 +44,16 @@ def run_routing(
 ) -> RoutingPass:
     """Runs `batches` through `model` in eval mode, recording every MoE layer's routing; with `desc`, rank 0 shows
     progress under that name."""
-    import torch.distributed as dist
-
     from vimoe_dist.metrics.progress import track
     from vimoe_dist.model import moe_layers
+    from vimoe_dist.parallel import collectives
 
     layers = moe_layers(model)
     for block, layer in layers.items():
         if not hasattr(layer, "record_routing"):
             raise UserError(
                 f"analyze: the MoE layer of block {block} ({type(layer).__name__}) cannot record routing; "
-                "routing analysis needs model.moe.impl=vimoe"
+                "routing analysis needs ViMoE's own MoE layer (MoEFFN)"
             )
     acc = RoutingAccumulator(num_classes, {i: layer.num_experts for i, layer in layers.items()})
     was_training = model.training
@@ -64,7 +63,7 @@ def run_routing(
     try:
         for layer in layers.values():
             layer.record_routing = True
-        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        rank0 = collectives.rank() == 0
         for batch in track(batches, desc, enabled=rank0) if desc else batches:
             x, labels, valid = unpack_batch(batch)
             out = model(x.to(device))
@@ -85,12 +84,7 @@ def run_routing(
 
 
 def _all_reduce_counts(correct: torch.Tensor, images: torch.Tensor) -> tuple[int, int]:
-    import torch.distributed as dist
+    from vimoe_dist.parallel.collectives import sum_to_host
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        buf = torch.stack([correct, images])
-        if dist.get_backend() == "nccl":
-            buf = buf.cuda()
-        dist.all_reduce(buf)
-        correct, images = buf.cpu()
+    correct, images = sum_to_host(torch.stack([correct, images]))
     return int(correct), int(images)

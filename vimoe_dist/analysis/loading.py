@@ -1,18 +1,24 @@
-"""Finding the config and the weights the analysis commands work on, and the validation data to run.
+"""Finding the config and the weights a command works on, and loading them as one single-device model: the one
+loader of `vimoe eval`, `vimoe export`, `vimoe analyze` and `vimoe prune`.
 
-`--checkpoint` may be a training run's DeepSpeed checkpoint directory (any ep_size; loaded as one single-device
-model with every expert), a directory written by `vimoe prune` (`model.safetensors` + `config.yaml`), or a weights
-file (`.safetensors`, `.pt`) that `model.pretrained` accepts. Without `--config`, the run's resolved `config.yaml` is
-looked up in the checkpoint directory and its two parents (`RUN/checkpoints/STEP/`).
+`--checkpoint` may be a training run's DeepSpeed checkpoint directory (a run, its `checkpoints/` or one tag; any
+ep_size; loaded as one single-device model with every expert), a directory written by `vimoe prune`
+(`model.safetensors` + `config.yaml`), or a weights file (`.safetensors`, `.pt`) that `model.pretrained` accepts.
+Without `--config`, the analysis commands look the run's resolved `config.yaml` up in the checkpoint directory and
+its two parents (`RUN/checkpoints/STEP/`).
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vimoe_dist.config import Config, load_config
 from vimoe_dist.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported by the functions that need it: the CLI imports this module
+    from torch import nn
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -47,27 +53,33 @@ def weights_file(checkpoint: str | Path) -> Path | None:
     return None
 
 
-def load_model(cfg: Config, checkpoint: str | Path):
-    """A single-device model with every expert, in eval mode, on CPU."""
+def load_model(cfg: Config, checkpoint: str | Path) -> nn.Module:
+    """A single-device model with every expert, in eval mode, on CPU; needs no process group and no DeepSpeed."""
     file = weights_file(checkpoint)
-    if file is None:
-        from vimoe_dist.train.checkpoint import load_model as load_training_checkpoint
-
-        model = load_training_checkpoint(cfg, str(checkpoint))
-    else:
-        model = load_weights_file(cfg, file)
+    model = load_training_checkpoint(cfg, checkpoint) if file is None else load_weights_file(cfg, file)
     return model.eval()
 
 
-def load_weights_file(cfg: Config, file: Path):
+def load_training_checkpoint(cfg: Config, checkpoint: str | Path) -> nn.Module:
+    """The model of a training checkpoint (a run, its `checkpoints/` or a tag), gathered at any ep_size."""
+    from vimoe_dist.parallel.checkpoint_layout import single_device_state_dict
+    from vimoe_dist.train.checkpoint import resolve_checkpoint
+
+    root, tag = resolve_checkpoint(checkpoint)
+    model = _untrained_model(cfg)
+    state = single_device_state_dict(root, tag, trust=cfg.run.trust_checkpoint)
+    check_fits(model, state, f"{root / tag}")
+    model.load_state_dict(state)
+    return model
+
+
+def load_weights_file(cfg: Config, file: Path) -> nn.Module:
     """`build_model` with `model.pretrained` = `file`; dense FFNs are first widened to the file's (a block pruned
     with `--mode average` next to a shared expert holds both hidden layers)."""
     from vimoe_dist.analysis.prune import fit_dense_ffns, read_dense_ffn_sizes
-    from vimoe_dist.model import build_model, load_state_dict_file
+    from vimoe_dist.model import load_state_dict_file
 
-    model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.pretrained = None
-    model = build_model(model_cfg)
+    model = _untrained_model(cfg)
     state = load_state_dict_file(file, cfg.run.trust_checkpoint)
     fit_dense_ffns(model, read_dense_ffn_sizes(file))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -78,6 +90,31 @@ def load_weights_file(cfg: Config, file: Path):
             f"{'missing' if missing else 'unexpected'} key {key}"
         )
     return model
+
+
+def check_fits(model: nn.Module, state: dict, where: str) -> None:
+    """A checkpoint of another model is a one-line error naming the first key that differs."""
+    own = model.state_dict()
+    for key, value in own.items():
+        if key not in state:
+            raise UserError(f"checkpoint {where!r} does not fit this model: it has no {key}")
+        if state[key].shape != value.shape:
+            raise UserError(
+                f"checkpoint {where!r} does not fit this model: {key} is {tuple(state[key].shape)}, "
+                f"the model's is {tuple(value.shape)}"
+            )
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise UserError(f"checkpoint {where!r} does not fit this model: unexpected {extra[0]}")
+
+
+def _untrained_model(cfg: Config) -> nn.Module:
+    """The config's model with fresh weights (its `model.pretrained` is not read: the checkpoint replaces them)."""
+    from vimoe_dist.model import build_model
+
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.pretrained = None
+    return build_model(model_cfg)
 
 
 def class_names(cfg: Config) -> list[str] | None:

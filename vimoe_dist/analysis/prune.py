@@ -66,7 +66,7 @@ def dense_ffn(layer: nn.Module, mode: str, gate_E: torch.Tensor | None = None) -
     if mode not in MODES:
         raise UserError(f"prune --mode: {mode!r} is not one of {', '.join(MODES)}")
     if not hasattr(layer, "experts") or not hasattr(layer.experts, "fc1_weight"):
-        raise UserError(f"prune: {type(layer).__name__} is not a ViMoE MoE FFN (model.moe.impl must be vimoe)")
+        raise UserError(f"prune: {type(layer).__name__} is not a ViMoE MoE FFN (MoEFFN)")
     shared = layer.shared
     if mode == "shared":
         if shared is None:

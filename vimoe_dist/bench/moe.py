@@ -21,20 +21,40 @@ from timm.layers import Mlp
 
 from vimoe_dist.bench.timing import interleaved_samples, paired_ratio, print_table, write_json
 from vimoe_dist.config import load_config
+from vimoe_dist.model.moe.registry import ALL_ROUTER_OPTIONS, ROUTER_NAMES, ROUTER_SPECS
 
 
 def _moe(impl: str, router: str, k: int, args: argparse.Namespace, capacity_factor: float | None = -1.0):
-    from vimoe_dist.model import build_moe
-
+    """One MoE FFN: ours (`build_moe`) or a reference layer, passed in as the layer factory it is."""
+    factory = _layer_factory(impl)
     cf = args.capacity_factor if capacity_factor == -1.0 else capacity_factor
     torch.manual_seed(0)  # the same gate and expert weights in every variant: loads differ only by the algorithm
     overrides = [
-        f"model.moe.impl={impl}", f"model.moe.router={router}", f"model.moe.top_k={k}", "model.moe.routing=token",
+        f"model.moe.router={router}", f"model.moe.top_k={k}", "model.moe.routing=token",
         f"model.moe.num_experts={args.experts}", f"model.moe.capacity_factor={'null' if cf is None else cf}",
         f"model.moe.group_size={args.group_size}", "model.moe.shared_expert=false",
         f"model.moe.switch_loss={0 if router == 'soft' else 0.01}", "model.moe.renormalize=true",
     ]  # fmt: skip
-    return build_moe(args.dim, args.hidden, load_config(None, overrides).model.moe)
+    # the same settings for every variant, less the options this router does not take (config refuses those)
+    ignored = {f"model.moe.{o}" for o in ALL_ROUTER_OPTIONS if o not in ROUTER_SPECS[router].options}
+    overrides = [o for o in overrides if o.split("=")[0] not in ignored]
+    return factory(args.dim, args.hidden, load_config(None, overrides).model.moe)
+
+
+def _layer_factory(impl: str):
+    """Ours, or a reference layer (`vimoe_dist.parallel.reference`, imported only when asked for: fairscale is an
+    optional extra)."""
+    if impl == "deepspeed":
+        from vimoe_dist.parallel.reference.deepspeed_moe import DeepSpeedMoEFFN
+
+        return DeepSpeedMoEFFN
+    if impl == "fairscale":
+        from vimoe_dist.parallel.reference.fairscale_moe import FairscaleMoEFFN
+
+        return FairscaleMoEFFN
+    from vimoe_dist.model import build_moe
+
+    return build_moe
 
 
 def _step(module, x: torch.Tensor):
@@ -49,8 +69,6 @@ def _step(module, x: torch.Tensor):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from vimoe_dist.model.moe.routers import ROUTERS
-
     torch.manual_seed(0)
     x = torch.randn(args.images, args.tokens, args.dim)
     variants, meta = {}, {}
@@ -58,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
         xk = x.repeat(k, 1, 1)
         variants[f"dense x{k}"] = _step(Mlp(args.dim, args.hidden), xk)
         meta[f"dense x{k}"] = {"impl": "timm Mlp", "router": "-", "k": k}
-    for name in sorted(ROUTERS):
+    for name in ROUTER_NAMES:
         k = 1 if name == "soft" else args.top_k
         variants[f"vimoe {name}"] = _step(_moe("vimoe", name, k, args), x)
         meta[f"vimoe {name}"] = {"impl": "vimoe", "router": name, "k": k}

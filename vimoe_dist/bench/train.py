@@ -74,17 +74,23 @@ def ep_scaling(args: argparse.Namespace) -> list[dict]:
 
 
 def _worker(out: str, args: argparse.Namespace) -> None:
-    import torch.distributed as dist
-
+    from vimoe_dist.model import aux_loss, build_model, moe_layers
+    from vimoe_dist.parallel.collectives import barrier, rank
+    from vimoe_dist.parallel.engine import unwrap
+    from vimoe_dist.parallel.env import resolve_env
     from vimoe_dist.parallel.init import init_distributed
-    from vimoe_dist.train.loop import build_criterion, build_engine
+    from vimoe_dist.parallel.parallelize import parallelize
+    from vimoe_dist.train.setup import build_criterion, build_engine, seed_everything
 
     engines, per_rank = {}, args.batch // 2
     for ep in (1, 2):
         cfg = load_config(args.config, [*args.overrides, f"parallel.ep_size={ep}",
                                         f"train.global_batch_size={args.batch}", "data.train=unused"])  # fmt: skip
-        env = init_distributed(cfg)
-        engine, _, _ = build_engine(cfg, env.world_size)
+        env = resolve_env()
+        init_distributed(cfg, env)
+        seed_everything(cfg.run.seed)
+        model = parallelize(build_model(cfg.model), cfg.parallel.ep_size)
+        engine, _, _ = build_engine(model, cfg, env.world_size)
         engines[ep] = (engine, cfg)
     criterion = build_criterion(cfg)
     images = torch.randn(per_rank, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
@@ -92,11 +98,10 @@ def _worker(out: str, args: argparse.Namespace) -> None:
 
     def step(engine):
         def run() -> None:
-            moe = [b.mlp for b in engine.module.blocks if hasattr(b.mlp, "aux_loss")]
-            loss = criterion(engine(images), labels) + sum(m.aux_loss for m in moe)
+            loss = criterion(engine(images), labels) + aux_loss(moe_layers(unwrap(engine)))
             engine.backward(loss)
             engine.step()
-            dist.barrier()
+            barrier()
 
         return run
 
@@ -109,7 +114,7 @@ def _worker(out: str, args: argparse.Namespace) -> None:
             "state_mib": 4 * params / 2**20,  # weights + gradients + two AdamW moments, fp32
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-    if dist.get_rank() == 0:
+    if rank() == 0:
         Path(out).write_text(json.dumps(result))
 
 

@@ -32,31 +32,13 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from vimoe_dist.config import Config
+from vimoe_dist.config import Config, micro_batch_size
 from vimoe_dist.data.sources import is_local
 from vimoe_dist.data.splits import resolve_split
 from vimoe_dist.errors import UserError
 
 log = logging.getLogger("vimoe_dist.data")
 STATE_VERSION = 1
-
-
-def micro_batch_size(cfg: Config, world_size: int) -> int:
-    """Images per rank per forward: train.global_batch_size / (world_size x train.grad_accum)."""
-    t, group = cfg.train, cfg.model.moe.group_size
-    split = world_size * t.grad_accum
-    if t.global_batch_size % split:
-        raise UserError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by world_size x train.grad_accum "
-            f"= {world_size} x {t.grad_accum}"
-        )
-    b = t.global_batch_size // split
-    if b % group:
-        raise UserError(
-            f"the per-rank batch train.global_batch_size / (world_size x train.grad_accum) = {b} is not a multiple "
-            f"of model.moe.group_size={group}"
-        )
-    return b
 
 
 def _loader(dataset, cfg: Config, sampler=None) -> DataLoader:

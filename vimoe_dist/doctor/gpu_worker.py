@@ -15,14 +15,14 @@ The device comes from the spec: the doctor passes CUDA and NCCL; the tests run t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from vimoe_dist.parallel.alltoall_bench import bench_alltoall
 
 # rows per expert as shares of the total: uneven, one expert empty (dropless routing can leave one idle)
 EXPERT_SHARES = (0.22, 0.05, 0.18, 0.0, 0.15, 0.12, 0.2, 0.08)
@@ -100,17 +100,23 @@ def bench_step(spec: dict) -> dict:
     """
     from vimoe_dist.config import load_config
     from vimoe_dist.metrics.flops import mfu, peak_flops
-    from vimoe_dist.model import aux_loss
+    from vimoe_dist.model import aux_loss, build_model
     from vimoe_dist.model.flops import last_expert_rows, model_flops
+    from vimoe_dist.parallel.engine import unwrap
+    from vimoe_dist.parallel.env import resolve_env
     from vimoe_dist.parallel.init import init_distributed
-    from vimoe_dist.train.loop import build_criterion, build_engine
+    from vimoe_dist.parallel.parallelize import parallelize
+    from vimoe_dist.train.setup import build_criterion, build_engine, seed_everything
 
     cfg = load_config(spec["config"])
-    env = init_distributed(cfg)
+    env = resolve_env()
+    init_distributed(cfg, env)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
     t0 = time.perf_counter()
-    engine, _, _ = build_engine(cfg, env.world_size)
+    seed_everything(cfg.run.seed)
+    model = parallelize(build_model(cfg.model), cfg.parallel.ep_size)
+    engine, _, _ = build_engine(model, cfg, env.world_size)
     build_seconds = time.perf_counter() - t0
     criterion = build_criterion(cfg)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.parallel.precision, torch.float32)
@@ -127,14 +133,14 @@ def bench_step(spec: dict) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         logits = engine(images)
-        loss = criterion(logits.float(), target) + aux_loss(engine.module)
+        loss = criterion(logits.float(), target) + aux_loss(unwrap(engine))
         engine.backward(loss)
         engine.step()
         _sync(device)
         seconds.append(time.perf_counter() - t0)
     step_s = statistics.median(seconds[spec["warmup"] :])
-    rows = last_expert_rows(engine.module)
-    flops = model_flops(engine.module, {i: sum(r) / b for i, r in rows.items()})
+    rows = last_expert_rows(unwrap(engine))
+    flops = model_flops(unwrap(engine), {i: sum(r) / b for i, r in rows.items()})
     result = {
         "device": _device_name(device), "batch": b, "img_size": m.img_size, "precision": cfg.parallel.precision,
         "zero_stage": cfg.parallel.zero_stage, "steps": spec["steps"], "build_seconds": build_seconds,
@@ -155,53 +161,11 @@ def bench_step(spec: dict) -> dict:
     return result
 
 
-def bench_alltoall(spec: dict) -> dict:
-    """`all_to_all_single` between the ranks of this node (one process per device) at each size: the slowest
-    rank's median time, algorithm bandwidth size / time and bus bandwidth size / time * (n - 1) / n (nccl-tests'
-    definition for all-to-all: the share of the buffer that actually crosses links)."""
-    import torch.distributed as dist
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    backend = spec["backend"]
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=spec["timeout_s"])
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
-    rows = []
-    try:
-        for size in spec["sizes_bytes"]:
-            size -= size % world
-            send = torch.empty(size, dtype=torch.uint8, device=device).fill_(rank)
-            recv = torch.empty_like(send)
-            for _ in range(spec["warmup"]):
-                dist.all_to_all_single(recv, send)
-            samples = []
-            for _ in range(spec["iters"]):
-                dist.barrier()
-                _sync(device)
-                t0 = time.perf_counter()
-                dist.all_to_all_single(recv, send)
-                _sync(device)
-                samples.append(time.perf_counter() - t0)
-            slowest = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=device)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            seconds = slowest.item()
-            expected = torch.arange(world, device=device, dtype=torch.uint8).repeat_interleave(size // world)
-            correct = bool(torch.equal(recv, expected))
-            algbw = size / seconds
-            rows.append({"bytes": size, "ms": seconds * 1e3, "algbw_gbps": algbw / 1e9,
-                         "busbw_gbps": algbw * (world - 1) / world / 1e9, "correct": correct})  # fmt: skip
-    finally:
-        dist.destroy_process_group()
-    return {"world": world, "backend": backend, "device": _device_name(device), "sizes": rows}
-
-
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-PARTS = {"experts": bench_experts, "step": bench_step, "alltoall": bench_alltoall}
+PARTS = {"experts": bench_experts, "step": bench_step, "alltoall": bench_alltoall}  # bench_alltoall: parallel/
 
 
 def main() -> None:

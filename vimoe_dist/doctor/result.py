@@ -75,7 +75,7 @@ def bounded(name: str, fn: Callable[[], Check], timeout_s: float) -> Check:
 
 
 class Subprocess:
-    """A Python child (`python ARGS --out FILE`, e.g. `-m vimoe_dist.doctor.probe torch`) that writes one JSON
+    """A Python child (`python ARGS --out FILE`, e.g. `-m vimoe_dist.parallel.probe torch`) that writes one JSON
     object to FILE.
 
     Started at once, collected later, so that slow probes run side by side. It runs in its own session: at the

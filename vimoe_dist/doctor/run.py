@@ -19,7 +19,7 @@ from vimoe_dist.doctor import inputs, node, software
 from vimoe_dist.doctor.result import FAIL, OK, SKIP, STATUSES, WARN, Check, Subprocess, bounded
 from vimoe_dist.errors import UserError
 
-PROBE = "vimoe_dist.doctor.probe"
+PROBE = "vimoe_dist.parallel.probe"
 TORCH_PROBE_TIMEOUT_S = 180  # importing torch and creating a CUDA context on every GPU of a slow node
 DEEPSPEED_PROBE_TIMEOUT_S = 180  # importing DeepSpeed, loading its ops (ninja checks a cached JIT build)
 CHECK_TIMEOUT_S = 30

@@ -50,7 +50,7 @@ def train_args(config: str, overrides: Sequence[str]) -> list[str]:
     return ["train", "--config", config, *overrides]
 
 
-TORCHRUN_MODULE = "vimoe_dist.launch.torchrun"  # torchrun with a one-line exit on SIGINT/SIGTERM
+TORCHRUN_MODULE = "vimoe_dist.parallel.torchrun"  # torchrun with a one-line exit on SIGINT/SIGTERM
 
 
 def build_torchrun(
@@ -62,7 +62,7 @@ def build_torchrun(
     max_restarts: int = 0,
     master_port: int | None = None,
 ) -> list[str]:
-    """torchrun on this machine (`torch.distributed.run`, through `vimoe_dist.launch.torchrun` for a one-line exit on
+    """torchrun on this machine (`torch.distributed.run`, through `vimoe_dist.parallel.torchrun` for a one-line exit on
     a signal). Without a port it runs `--standalone` (a c10d rendezvous on a free local port); `--max-restarts`
     restarts every rank from scratch when one dies, and the restarted job resumes from its latest checkpoint
     (`run.resume=auto`).

@@ -11,7 +11,7 @@ that has no handler yet without a traceback), to the process that stops the rank
   every rank, waits 30 s for the checkpoint, then SIGKILL, and exits 1;
 - the deepspeed runner itself with the pdsh backend: its handler stops pdsh and runs `pkill` on every node;
 - the runner's child with the other backends (mpirun, srun), which pass signals to their remote ranks;
-- the launcher itself otherwise (torchrun via `vimoe_dist.launch.torchrun`, sbatch).
+- the launcher itself otherwise (torchrun via `vimoe_dist.parallel.torchrun`, sbatch).
 
 Then the wait is bounded: after `grace_s` seconds, or at a second signal, the launcher and all its descendants are
 killed.

@@ -4,14 +4,18 @@ A ViMoE is a timm VisionTransformer (any timm ViT name: DINOv2 variants with lay
 whose FFN in the chosen blocks is an MoE FFN. Starting from dense weights goes through function-preserving
 upcycling: every expert (and the shared expert) starts as a copy of the block's FFN, so the new model computes what
 the dense one did and training starts from the DINOv2 features instead of from noise.
+
+The MoE FFN is built by a layer factory, `build_moe` unless another is passed (timm's `mlp_layer` idea): the parity
+tests and `vimoe bench moe` pass DeepSpeed's and fairscale's layers (`vimoe_dist.parallel.reference`) that way, so
+this package never imports them.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 import timm
 import torch
@@ -19,23 +23,20 @@ from timm.layers import Mlp
 from torch import nn
 
 from vimoe_dist.config import ConfigError, ModelConfig, MoEConfig, parse_layers
-from vimoe_dist.model.moe.layer import MoEFFN
+from vimoe_dist.model.moe.layer import MoEFFN, MoELayer
 from vimoe_dist.model.moe.routers import build_router, router_options
 
 log = logging.getLogger(__name__)
 
-# `impl` other than ours: reference layers that live outside the model package (they import deepspeed/fairscale)
-REFERENCE_IMPLS = {
-    "deepspeed": "vimoe_dist.reference.deepspeed_moe:DeepSpeedMoEFFN",
-    "fairscale": "vimoe_dist.reference.fairscale_moe:FairscaleMoEFFN",
-}
+
+class MoELayerFactory(Protocol):
+    """Builds an MoE FFN in place of a block's timm `Mlp`: `build_moe`, or a reference layer for comparisons."""
+
+    def __call__(self, dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1) -> nn.Module: ...
 
 
 def build_moe(dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1) -> nn.Module:
     """An MoE FFN, drop-in for timm's `Mlp`: forward(x [B, N, D]) -> [B, N, D]; aux loss in `.aux_loss`."""
-    if moe_cfg.impl != "vimoe":
-        module_name, cls_name = REFERENCE_IMPLS[moe_cfg.impl].split(":")
-        return getattr(importlib.import_module(module_name), cls_name)(dim, hidden_dim, moe_cfg)
     options = {k: getattr(moe_cfg, k) for k in router_options(moe_cfg.router) if hasattr(moe_cfg, k)}
     router = build_router(moe_cfg.router, dim, moe_cfg.num_experts, **options)
     return MoEFFN(
@@ -51,13 +52,16 @@ def build_moe(dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: 
     )
 
 
-def upcycle(vit: nn.Module, moe_cfg: MoEConfig, copy_ffn: bool = True) -> nn.Module:
+def upcycle(
+    vit: nn.Module, moe_cfg: MoEConfig, copy_ffn: bool = True, moe_layer: MoELayerFactory = build_moe
+) -> nn.Module:
     """Turns a dense timm VisionTransformer into a ViMoE, in place, and returns it.
 
     With `copy_ffn`, each replaced block's FFN is copied into every expert and the shared expert. Function
     preserving: with a shared expert, y = S(x) + sum_i g_i E_i(x), and halving the output projection of each copy
     gives y = FFN(x) whenever the routing weights of a token sum to one and nothing is dropped; without one, the
     copies are exact. Without `copy_ffn` the experts get a fresh independent init (training from scratch).
+    `moe_layer` builds each MoE FFN (copying needs ours).
     """
     depth = len(vit.blocks)
     layers = parse_layers(moe_cfg.layers, depth)
@@ -71,17 +75,17 @@ def upcycle(vit: nn.Module, moe_cfg: MoEConfig, copy_ffn: bool = True) -> nn.Mod
             if copy_ffn and round(moe_cfg.hidden_ratio * dim) != hidden:
                 raise ConfigError(f"model.moe.hidden_ratio: {moe_cfg.hidden_ratio} differs from the dense FFN's")
             hidden = round(moe_cfg.hidden_ratio * dim)
-        moe = build_moe(dim, hidden, moe_cfg, num_prefix_tokens=num_prefix)
+        moe = moe_layer(dim, hidden, moe_cfg, num_prefix_tokens=num_prefix)
         if copy_ffn:
-            _copy_ffn_into(moe, mlp, moe_cfg)
+            _copy_ffn_into(moe, mlp)
         vit.blocks[i].mlp = moe
     return vit
 
 
 @torch.no_grad()
-def _copy_ffn_into(moe: nn.Module, mlp: Mlp, moe_cfg: MoEConfig) -> None:
+def _copy_ffn_into(moe: nn.Module, mlp: Mlp) -> None:
     if not isinstance(moe, MoEFFN):
-        raise ConfigError(f"model.moe.impl: upcycling from dense weights needs impl vimoe, not {moe_cfg.impl!r}")
+        raise TypeError(f"upcycling copies the dense FFN into MoEFFN experts, not into a {type(moe).__name__}")
     scale = 0.5 if moe.shared is not None else 1.0
     moe.experts.copy_from_mlp(mlp, out_scale=scale)
     if moe.shared is not None:
@@ -124,29 +128,32 @@ def resize_dense_ffns(vit: nn.Module, hidden_by_block: dict[int, int]) -> None:
             vit.blocks[block].mlp = Mlp(mlp.fc1.in_features, hidden, mlp.fc2.out_features, act_layer=type(mlp.act))
 
 
-def build_model(model_cfg: ModelConfig, trust_checkpoint: bool = False) -> nn.Module:
+def build_model(
+    model_cfg: ModelConfig, trust_checkpoint: bool = False, moe_layer: MoELayerFactory = build_moe
+) -> nn.Module:
     """Config -> ViMoE. forward(images [B, 3, H, W]) -> logits [B, num_classes].
 
     `model.pretrained` may be a dense timm/DINOv2 checkpoint file (upcycled), a ViMoE state dict written by
-    `vimoe export` or `vimoe prune` (loaded as is), or, when the machine is online, a timm model name.
+    `vimoe export` or `vimoe prune` (loaded as is), or, when the machine is online, a timm model name. `moe_layer`
+    builds each MoE FFN (`build_moe`: ours).
     """
     vit = build_dense(model_cfg)
     moe_cfg = model_cfg.moe
     source = model_cfg.pretrained
     if source is None:
-        return upcycle(vit, moe_cfg, copy_ffn=False)
+        return upcycle(vit, moe_cfg, copy_ffn=False, moe_layer=moe_layer)
     state = load_state_dict_file(source, trust_checkpoint) if Path(source).exists() else None
     if state is None:
         if "/" in source or source.endswith((".pth", ".pt", ".bin", ".safetensors")):
             raise ConfigError(f"model.pretrained: file {source!r} does not exist")
         state = _timm_hub_state_dict(source, vit)
     if any(".experts.fc1_weight" in k for k in state):
-        model = upcycle(vit, moe_cfg, copy_ffn=False)
+        model = upcycle(vit, moe_cfg, copy_ffn=False, moe_layer=moe_layer)
         _load_matching(model, state, source, strict_moe=True)
         return model
     state = timm.models.vision_transformer.checkpoint_filter_fn(state, vit)
     _load_matching(vit, state, source, strict_moe=False)
-    return upcycle(vit, moe_cfg, copy_ffn=True)
+    return upcycle(vit, moe_cfg, copy_ffn=True, moe_layer=moe_layer)
 
 
 def load_state_dict_file(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
@@ -212,13 +219,20 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str
         log.warning("model.pretrained: %d keys not in %s (e.g. %s)", len(missing), source, missing[0])
 
 
-def moe_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """Block index -> MoE FFN (ours or a reference impl), in block order."""
-    blocks = getattr(model, "blocks", [])
-    return {i: b.mlp for i, b in enumerate(blocks) if hasattr(b.mlp, "aux_loss")}
+def moe_layers(model: nn.Module) -> dict[int, MoELayer]:
+    """Block index -> MoE FFN, in block order; the same before and after `vimoe_dist.parallel.parallelize`, which
+    wraps each MoE FFN in a module of its own (the FFN is then found inside the block's FFN module)."""
+    layers = {}
+    for i, block in enumerate(getattr(model, "blocks", [])):
+        found = next((m for m in block.mlp.modules() if isinstance(m, MoELayer)), None)
+        if found is not None:
+            layers[i] = found
+    return layers
 
 
-def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of the MoE layers' auxiliary losses from the last forward."""
-    losses = [m.aux_loss for m in moe_layers(model).values()]
-    return torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in losses]).sum() if losses else torch.zeros(())
+def aux_loss(layers: dict[int, MoELayer] | nn.Module) -> torch.Tensor:
+    """The auxiliary loss of the last forward, summed over the MoE layers (of a model, or given), in fp32: the one
+    definition the trainer, the benchmarks and the tests add to the task loss."""
+    layers = moe_layers(layers) if isinstance(layers, nn.Module) else layers
+    losses = [m.aux_loss.float() for m in layers.values()]
+    return torch.stack(losses).sum() if losses else torch.zeros(())

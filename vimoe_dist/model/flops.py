@@ -178,7 +178,9 @@ def find_moe(mlp: nn.Module, block: int) -> MoEFFN | None:
         if isinstance(m, MoEFFN):
             return m
     if hasattr(mlp, "aux_loss"):
-        raise ValueError(f"flops: block {block}: {type(mlp).__name__} is counted only for model.moe.impl vimoe")
+        raise ValueError(
+            f"flops: block {block}: {type(mlp).__name__} is counted only for ViMoE's own MoE layer (MoEFFN)"
+        )
     return None
 
 

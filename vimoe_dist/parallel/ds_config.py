@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vimoe_dist.config import Config
+from vimoe_dist.config import Config, micro_batch_size
 
 
 def build_ds_config(cfg: Config, world_size: int) -> dict:
@@ -12,10 +12,9 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     and are passed to DeepSpeed as objects, so they are absent here.
     """
     t, p = cfg.train, cfg.parallel
-    micro = t.global_batch_size // (world_size * t.grad_accum)
     ds = {
         "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": micro,
+        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "steps_per_print": 10**9,  # our own logging; DeepSpeed's would print on every rank

@@ -1,4 +1,4 @@
-"""`vimoe train`, `vimoe eval`, `vimoe export`."""
+"""`vimoe train`, `vimoe eval`, `vimoe export`, `vimoe demo`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="e.g. model.safetensors")
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("demo", help="write the digits shards and train the demo expert-parallel on 2 CPU ranks")
+    p.add_argument("--out", default="runs/digits", help="run directory")
+    p.set_defaults(func=_demo)
+
 
 def _load(args: argparse.Namespace):
     from vimoe_dist.config import load_config
@@ -41,8 +45,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
+    from vimoe_dist.analysis.loading import load_model
     from vimoe_dist.data import build_val_loader
-    from vimoe_dist.train.checkpoint import load_model
     from vimoe_dist.train.evaluate import evaluate
 
     cfg = _load(args)
@@ -56,7 +60,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from vimoe_dist.train.checkpoint import load_model
+    from vimoe_dist.analysis.loading import load_model
 
     cfg = _load(args)
     model = load_model(cfg, args.checkpoint)
@@ -64,3 +68,9 @@ def _export(args: argparse.Namespace) -> int:
     save_file(state, args.out, metadata={"format": "vimoe", "backbone": cfg.model.backbone})
     print(f"wrote {args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters")
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vimoe_dist.train.demo import run_demo
+
+    return run_demo(args.out)

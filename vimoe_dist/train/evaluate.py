@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from vimoe_dist.parallel.collectives import all_reduce_sum, any_rank
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def evaluate(
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, images
     for batch in loader:
-        if should_stop is not None and _anyone(should_stop(), device):
+        if should_stop is not None and any_rank(should_stop(), device):
             model.train(was_training)
             return None
         images = batch["image"].to(device, non_blocking=True).to(dtype)
@@ -46,16 +47,7 @@ def evaluate(
         sums[1] += (hit.any(-1).double() * v).sum()
         sums[2] += (F.cross_entropy(logits, labels, reduction="none").double() * v).sum()
         sums[3] += v.sum()
-    if dist.is_initialized():
-        dist.all_reduce(sums)
+    all_reduce_sum(sums)
     model.train(was_training)
     n = max(sums[3].item(), 1.0)
     return {"top1": sums[0].item() / n, "top5": sums[1].item() / n, "loss": sums[2].item() / n, "images": int(sums[3])}
-
-
-def _anyone(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is set on any rank (a collective when torch.distributed is initialised)."""
-    t = torch.tensor([float(flag)], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())

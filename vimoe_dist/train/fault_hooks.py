@@ -1,7 +1,8 @@
 """Test hooks: real faults injected into a training run at a chosen step, for the fault suite (`tests/faults/`).
 
-Off unless the environment variable `VIMOE_TEST_FAULTS` is set; the trainer then builds a `FaultHooks` and calls it
-at step boundaries and inside a checkpoint save, never in the forward or backward pass. Never set it in a real run.
+Off unless the environment variable `VIMOE_TEST_FAULTS` is set (without it the hooks hold no fault and do nothing);
+the trainer calls them at step boundaries and inside a checkpoint save, never in the forward or backward pass.
+Never set it in a real run.
 
     VIMOE_TEST_FAULTS="kill_in_save@8:rank=1,nan_router@5:block=1:rank=0"
 
@@ -68,27 +69,26 @@ def parse_faults(text: str) -> list[Fault]:
     return faults
 
 
-def build_fault_hooks(run_dir: Path, rank: int, moe_blocks: dict) -> FaultHooks | None:
-    """The hooks of this rank when `VIMOE_TEST_FAULTS` is set, else None (the trainer then skips every call)."""
+def build_fault_hooks(run_dir: Path, rank: int, layers: dict) -> FaultHooks:
+    """The hooks of this rank; without `VIMOE_TEST_FAULTS` (every real run) they hold no fault and do nothing.
+    `layers`: block index -> MoE FFN (`vimoe_dist.model.moe_layers`)."""
     text = os.environ.get(ENV, "").strip()
-    if not text:
-        return None
-    faults = [f for f in parse_faults(text) if f.rank is None or f.rank == rank]
-    if not faults:
-        return None
+    faults = [f for f in parse_faults(text) if f.rank is None or f.rank == rank] if text else []
     for f in faults:
-        if f.block is not None and f.block not in moe_blocks:
-            raise UserError(f"{ENV}: block {f.block} is not an MoE block (MoE blocks: {sorted(moe_blocks)})")
-    log.warning("rank %d: test fault hooks armed: %s", rank, faults)
-    return FaultHooks(faults, run_dir, rank, moe_blocks)
+        if f.block is not None and f.block not in layers:
+            raise UserError(f"{ENV}: block {f.block} is not an MoE block (MoE blocks: {sorted(layers)})")
+    if faults:
+        log.warning("rank %d: test fault hooks armed: %s", rank, faults)
+    return FaultHooks(faults, run_dir, rank, layers)
 
 
 class FaultHooks:
     """Fires the faults of one rank; `before_step(s)` runs before step s (1-based, as logged), `in_save(s)` inside
-    the save of step s, `before_eval(s)` as the evaluation after step s starts."""
+    the save of step s, `before_eval(s)` as the evaluation after step s starts. Without faults each call is a
+    loop over nothing."""
 
-    def __init__(self, faults: list[Fault], run_dir: Path, rank: int, moe_blocks: dict) -> None:
-        self.faults, self.run_dir, self.rank, self.moe_blocks = faults, Path(run_dir), rank, moe_blocks
+    def __init__(self, faults: list[Fault], run_dir: Path, rank: int, layers: dict) -> None:
+        self.faults, self.run_dir, self.rank, self.layers = faults, Path(run_dir), rank, layers
         self._transient: list[torch.utils.hooks.RemovableHandle] = []
 
     def before_step(self, step: int) -> None:
@@ -105,7 +105,7 @@ class FaultHooks:
                             step)  # fmt: skip
             elif f.action == "poison_router" and step == f.step:
                 with torch.no_grad():
-                    for p in self.moe_blocks[f.block].mlp.router.parameters():
+                    for p in self.layers[f.block].router.parameters():
                         p.fill_(float("nan"))
                 log.warning("rank %d: test hook: router weights of MoE block %d set to NaN", self.rank, f.block)
             elif f.action in ("kill", "stop") and step == f.step:
@@ -122,7 +122,7 @@ class FaultHooks:
                 self._fire_once(f, signal.SIGKILL)
 
     def _gate(self, block: int) -> torch.nn.Module:
-        router = self.moe_blocks[block].mlp.router
+        router = self.layers[block].router
         if not hasattr(router, "gate"):
             raise UserError(f"{ENV}: the router of block {block} ({type(router).__name__}) has no linear gate to hook")
         return router.gate

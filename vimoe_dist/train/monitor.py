@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
 
 from vimoe_dist.config import Config
+from vimoe_dist.model import aux_loss
+from vimoe_dist.model.moe.layer import MoEFFN
+from vimoe_dist.parallel.collectives import all_reduce_min
 
 log = logging.getLogger("vimoe.train")
 
@@ -26,8 +28,9 @@ class RoutingMonitor:
     COLLAPSE_SHARE = 0.9
     COLLAPSE_LOGS = 3
 
-    def __init__(self, cfg: Config, blocks: dict) -> None:
-        self.layers = {i: b.mlp for i, b in blocks.items()}
+    def __init__(self, cfg: Config, layers: dict[int, MoEFFN]) -> None:
+        """`layers`: block index -> MoE FFN (`vimoe_dist.model.moe_layers`)."""
+        self.layers = dict(layers)
         self.acc: dict[int, dict[str, torch.Tensor]] = {}
         self.steps = 0
         self.collapsed_logs = dict.fromkeys(self.layers, 0)
@@ -45,8 +48,8 @@ class RoutingMonitor:
         return hook
 
     def aux_loss(self) -> torch.Tensor:
-        losses = [m.aux_loss for m in self.layers.values()]
-        return torch.stack([x.float() for x in losses]).sum() if losses else torch.zeros(())
+        """The MoE layers' auxiliary loss of the last forward, added to the task loss."""
+        return aux_loss(self.layers)
 
     def accumulate(self) -> None:
         for i, m in self.layers.items():
@@ -84,8 +87,7 @@ class RoutingMonitor:
             entropy = m.last_stats.get("entropy") if m.last_stats else None
             if entropy is not None and not torch.isfinite(entropy).all():
                 found = min(found, (2 * i + 1) * world + rank)
-        code = torch.tensor([found], dtype=torch.float64)
-        dist.all_reduce(code, op=dist.ReduceOp.MIN)
+        code = all_reduce_min(torch.tensor([found], dtype=torch.float64))
         code_i = int(code.item())
         if code_i >= world * (max(self.layers, default=0) + 1) * 2:
             self.bad_block = None

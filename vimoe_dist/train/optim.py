@@ -1,14 +1,15 @@
-"""AdamW with weight-decay and layer-decay groups, split for DeepSpeed's expert parameters; timm's cosine schedule."""
+"""AdamW with weight-decay and layer-decay groups, split for DeepSpeed's expert parameters (parallel/engine.py);
+timm's cosine schedule."""
 
 from __future__ import annotations
 
 import torch
-from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from vimoe_dist.config import TrainConfig
+from vimoe_dist.parallel.engine import split_expert_groups
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -25,7 +26,7 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
         g.setdefault("lr_scale", 1.0)
         g["lr"] = t.lr * g["lr_scale"]
         g.setdefault("name", f"wd{g['weight_decay']}_s{g['lr_scale']:.4g}")
-    groups = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+    groups = split_expert_groups([g for g in groups if g["params"]])
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
 

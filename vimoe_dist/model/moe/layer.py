@@ -16,12 +16,24 @@ Shape legend:
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from timm.layers import Mlp
 from torch import nn
 
 from vimoe_dist.model.moe.dispatch import Dispatcher, LocalDispatcher
 from vimoe_dist.model.moe.experts import GroupedExperts
+
+
+@runtime_checkable
+class MoELayer(Protocol):
+    """What the trainer, the routing monitor and the analysis read from an MoE FFN after a forward: ours
+    (`MoEFFN`) or a reference layer of another library (`vimoe_dist.parallel.reference`)."""
+
+    num_experts: int
+    aux_loss: torch.Tensor  # the auxiliary loss of the last forward, weighted
+    last_stats: dict[str, torch.Tensor]  # tokens per expert, dropped tokens, router entropy of the last forward
 
 
 class MoEFFN(nn.Module):

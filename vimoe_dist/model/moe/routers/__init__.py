@@ -2,36 +2,28 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
 
+from vimoe_dist.model.moe.registry import ROUTER_SPECS
 from vimoe_dist.model.moe.routers.base import Routing, SoftRouting, SparseRouting, capacity
 from vimoe_dist.model.moe.routers.expert_choice import ExpertChoice, ExpertChoiceSinkhorn
 from vimoe_dist.model.moe.routers.soft import SoftMoE
 from vimoe_dist.model.moe.routers.sparse_ot import ExpertChoiceSparse
 from vimoe_dist.model.moe.routers.token_choice import TokenChoiceSinkhorn, TokenChoiceTopK
 
-ROUTERS: dict[str, type[nn.Module]] = {
-    "tc-softmax": TokenChoiceTopK,
-    "tc-sinkhorn": TokenChoiceSinkhorn,
-    "ec-softmax": ExpertChoice,
-    "ec-sinkhorn": ExpertChoiceSinkhorn,
-    "ec-sparse": ExpertChoiceSparse,
-    "soft": SoftMoE,
+_CLASSES = {
+    cls.__name__: cls
+    for cls in (TokenChoiceTopK, TokenChoiceSinkhorn, ExpertChoice, ExpertChoiceSinkhorn, ExpertChoiceSparse, SoftMoE)
 }
+# names and options are defined once, torch-free, in registry.py (config validation reads them without torch)
+ROUTERS: dict[str, type[nn.Module]] = {name: _CLASSES[spec.cls] for name, spec in ROUTER_SPECS.items()}
 
 
 def router_options(name: str) -> set[str]:
-    """The option names router `name` accepts (its constructor's and its bases')."""
-    names: set[str] = set()
-    for cls in ROUTERS[name].__mro__:
-        if cls is nn.Module or not issubclass(cls, nn.Module):
-            continue
-        params = inspect.signature(cls.__init__).parameters
-        names |= {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY or v.kind is v.POSITIONAL_OR_KEYWORD}
-    return (names | {"importance_loss", "load_loss", "switch_loss", "z_loss"}) - {"self", "dim", "num_experts"}
+    """The option names router `name` accepts (registry.py; a test keeps them equal to its constructor's)."""
+    return set(ROUTER_SPECS[name].options)
 
 
 def build_router(name: str, dim: int, num_experts: int, **options: Any) -> nn.Module:

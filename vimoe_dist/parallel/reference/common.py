@@ -13,12 +13,15 @@ from vimoe_dist.model.moe.dispatch import LocalDispatcher
 
 
 class ReferenceMoEFFN(nn.Module, metaclass=abc.ABCMeta):
-    """Base: subclasses set `self.moe` and implement `route(x_TD) -> (y_TD, l_aux, tokens_per_expert_E)`."""
+    """Base: subclasses set `self.moe` and implement `route(x_TD) -> (y_TD, l_aux, tokens_per_expert_E)`.
 
-    def __init__(self, dim: int, hidden_dim: int, moe_cfg: MoEConfig) -> None:
+    The factory signature is `build_moe`'s; `num_prefix_tokens` matters only to image routing, which these layers do
+    not offer."""
+
+    def __init__(self, dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1) -> None:
         super().__init__()
         if moe_cfg.router != "tc-softmax" or moe_cfg.routing != "token":
-            raise ValueError(f"model.moe.impl {moe_cfg.impl!r}: only token routing with router tc-softmax")
+            raise ValueError(f"{type(self).__name__}: only token routing (model.moe.routing) with router tc-softmax")
         self.num_experts, self.top_k, self.routing = moe_cfg.num_experts, moe_cfg.top_k, "token"
         self.aux_weight = moe_cfg.switch_loss
         self.shared = Mlp(dim, hidden_dim) if moe_cfg.shared_expert else None

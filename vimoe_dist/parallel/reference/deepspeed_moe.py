@@ -1,4 +1,4 @@
-"""`impl: deepspeed`: DeepSpeed's own MoE layer (`deepspeed.moe.layer.MoE` with its TopKGate, k = 1 or 2).
+"""DeepSpeed's own MoE layer (`deepspeed.moe.layer.MoE` with its TopKGate, k = 1 or 2).
 
 Random token selection and the sampled second expert are switched off so that, on the same weights and with nothing
 dropped, it computes what our `tc-softmax` does (renormalised over the two choices for k = 2, raw gate for k = 1).
@@ -11,12 +11,12 @@ from deepspeed.moe.layer import MoE
 from timm.layers import Mlp
 
 from vimoe_dist.config import MoEConfig
-from vimoe_dist.reference.common import ReferenceMoEFFN
+from vimoe_dist.parallel.reference.common import ReferenceMoEFFN
 
 
 class DeepSpeedMoEFFN(ReferenceMoEFFN):
-    def __init__(self, dim: int, hidden_dim: int, moe_cfg: MoEConfig) -> None:
-        super().__init__(dim, hidden_dim, moe_cfg)
+    def __init__(self, dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1) -> None:
+        super().__init__(dim, hidden_dim, moe_cfg, num_prefix_tokens)
         if moe_cfg.top_k not in (1, 2):
             raise ValueError(f"model.moe.top_k: DeepSpeed's gate supports 1 or 2, not {moe_cfg.top_k}")
         cf = moe_cfg.capacity_factor

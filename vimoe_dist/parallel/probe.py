@@ -1,6 +1,6 @@
 """What a fresh interpreter on this node sees of torch and DeepSpeed, written as JSON by a child process.
 
-Run as `python -m vimoe_dist.doctor.probe torch|deepspeed --out FILE`; `result.Subprocess` starts it with a
+Run as `python -m vimoe_dist.parallel.probe torch|deepspeed --out FILE`; `result.Subprocess` starts it with a
 deadline, because importing torch on a broken driver, creating CUDA contexts, or loading a DeepSpeed op (which runs
 ninja, and compiles when the op's sources changed) can each take minutes or hang.
 """
@@ -129,7 +129,7 @@ def _load(name: str, builder, kind: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m vimoe_dist.doctor.probe")
+    parser = argparse.ArgumentParser(prog="python -m vimoe_dist.parallel.probe")
     parser.add_argument("what", choices=("torch", "deepspeed"))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""`impl: fairscale`: fairscale's GShard layer (`MOELayer` + `Top2Gate`, Lepikhin et al. 2021).
+"""fairscale's GShard layer (`MOELayer` + `Top2Gate`, Lepikhin et al. 2021).
 
 GShard's gate has a fixed capacity of 2T/E and samples the second expert with Gumbel noise; `MOELayer` wants a
 process group even on one device, so a one-process gloo group is created when none exists (this layer is a
@@ -15,14 +15,16 @@ import torch.distributed as dist
 from timm.layers import Mlp
 from torch import nn
 
-from vimoe_dist.config import ConfigError, MoEConfig
-from vimoe_dist.reference.common import ReferenceMoEFFN
+from vimoe_dist.config import MoEConfig
+from vimoe_dist.errors import UserError
+from vimoe_dist.parallel.reference.common import ReferenceMoEFFN
 
 try:  # an optional extra: this layer is a comparison baseline, and fairscale (2022) ships as source only
     from fairscale.nn.moe import MOELayer, Top2Gate
 except ImportError:
-    raise ConfigError(
-        "model.moe.impl: 'fairscale' needs the fairscale package: pip install 'vimoe-dist[fairscale]'"
+    raise UserError(
+        "fairscale's MoE layer (a baseline of `vimoe bench moe`) needs the fairscale package: "
+        "pip install 'vimoe-dist[fairscale]'"
     ) from None
 
 
@@ -34,8 +36,8 @@ def _ensure_process_group() -> None:
 
 
 class FairscaleMoEFFN(ReferenceMoEFFN):
-    def __init__(self, dim: int, hidden_dim: int, moe_cfg: MoEConfig) -> None:
-        super().__init__(dim, hidden_dim, moe_cfg)
+    def __init__(self, dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1) -> None:
+        super().__init__(dim, hidden_dim, moe_cfg, num_prefix_tokens)
         if moe_cfg.top_k != 2:
             raise ValueError(f"model.moe.top_k: fairscale's Top2Gate routes to 2 experts, not {moe_cfg.top_k}")
         _ensure_process_group()

@@ -5,7 +5,7 @@ and then raises `SignalException` out of its `main`, which Python prints as a 30
 torchrun's own `main` and turns that exception into the exit status a shell expects from a signal, silently:
 `vimoe launch`, which sent the signal, says what happened in one line.
 
-    python -m vimoe_dist.launch.torchrun --standalone --nproc-per-node=2 -m vimoe_dist train --config ...
+    python -m vimoe_dist.parallel.torchrun --standalone --nproc-per-node=2 -m vimoe_dist train --config ...
 """
 
 from __future__ import annotations

@@ -1,0 +1,141 @@
+"""What happens between two steps: logging, stopping (a signal, `train.stop_at`), evaluating and checkpointing, and
+the end of the run. Each is a collective where it says so: every rank reaches the same boundary at the same step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from vimoe_dist.errors import UserError
+from vimoe_dist.parallel.checkpoint_layout import tag_for
+from vimoe_dist.parallel.collectives import all_reduce_mean
+from vimoe_dist.parallel.engine import unwrap
+from vimoe_dist.train import checkpoint
+from vimoe_dist.train.evaluate import evaluate
+from vimoe_dist.train.job import Job
+from vimoe_dist.train.signals import EXIT_REQUEUE
+from vimoe_dist.train.step import LossInterval, StepOutcome
+
+log = logging.getLogger("vimoe.train")
+
+
+class StopDuringEval(Exception):
+    """A preemption request arrived during an evaluation after `step`: checkpoint that step and exit for requeue."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.step = step
+
+
+def after_step(job: Job, step: int, outcome: StepOutcome, bad_steps: int) -> int:
+    """Counts a skipped step (naming the router that went bad: a collective), steps the schedule, accumulates the MoE
+    statistics and reports the step to the metrics; returns the number of skipped steps in a row."""
+    t = job.cfg.train
+    if outcome.skipped:
+        bad_steps += 1
+        where = job.monitor.bad_router(job.env.rank, job.env.world_size)  # every rank names the same block
+        log.warning("step %d: non-finite loss, update skipped%s", step, f" ({where})" if where else "")
+        job.metrics.on_event("nonfinite_loss", step=step, layer=job.monitor.bad_block, detail=where or None)
+        if bad_steps > t.max_bad_steps:
+            raise UserError(
+                f"train.max_bad_steps: {bad_steps} consecutive non-finite losses up to step {step}"
+                f"{f' ({where})' if where else ''}; last good checkpoint {checkpoint.latest_tag(job.ckpt_root)}"
+            )
+    else:
+        bad_steps = 0
+    job.scheduler.step_update(step)
+    if not outcome.skipped:
+        job.monitor.accumulate()
+    job.metrics.on_step(step, images=outcome.images * t.grad_accum, step_seconds=time.perf_counter() - outcome.started,
+                        data_wait_seconds=outcome.data_wait,
+                        alltoall_seconds=job.monitor.take_alltoall_seconds())  # fmt: skip
+    return bad_steps
+
+
+def log_interval(job: Job, step: int, interval: LossInterval, data_wait: float) -> None:
+    """The log record of the steps since the last one: the loss averaged over ranks (a collective), lr, throughput,
+    gradient norm, bad samples and the MoE statistics; then a fresh interval."""
+    t, world = job.cfg.train, job.env.world_size
+    elapsed = time.perf_counter() - interval.started
+    mean_loss = all_reduce_mean(interval.loss_sum / max(interval.count, 1))
+    grad_norm = job.engine.get_global_grad_norm()
+    group = job.optimizer.param_groups[0]
+    job.metrics.on_log({
+        "step": step,
+        "loss": mean_loss.item() if interval.count else float("nan"),
+        "lr": group["lr"] / group.get("lr_scale", 1.0),
+        "images_per_sec": interval.images * world / max(elapsed, 1e-9),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "step_seconds": elapsed / max(interval.count / t.grad_accum, 1),
+        "data_wait_seconds": data_wait,
+        "bad_samples": job.train_loader.num_bad,
+        "moe": job.monitor.report(step, job.metrics),
+    })  # fmt: skip
+    interval.reset()
+
+
+def at_step_boundary(job: Job, step: int, stop: bool) -> int | None:
+    """Stop (a signal: checkpoint and exit for requeue; `train.stop_at`: checkpoint and exit 0), evaluate,
+    checkpoint, as the config asks at `step`; returns the exit code when the run ends here."""
+    t = job.cfg.train
+    if stop:
+        return checkpoint_and_requeue(job, step)
+    if t.stop_at and step == t.stop_at and step < t.steps:
+        log.info("train.stop_at=%d reached: checkpointing and stopping; rerun the command to continue", step)
+        save(job, step)
+        return 0
+    if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+        run_eval(job, step)
+    if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
+        save(job, step)
+    return None
+
+
+def finish(job: Job, step: int, start_step: int) -> int:
+    """The final evaluation (`eval.json`) and checkpoint (unless a rerun of a finished run found it already there)."""
+    result = run_eval(job, step)
+    if start_step < job.cfg.train.steps or checkpoint.latest_tag(job.ckpt_root) != tag_for(step):
+        save(job, step)
+    if job.env.is_main and result is not None:
+        (job.run_dir / "eval.json").write_text(json.dumps(result) + "\n")
+        log.info("final top-1 %.4f top-5 %.4f loss %.4f on %d images; run directory %s",
+                 result["top1"], result["top5"], result["loss"], result["images"], job.run_dir)  # fmt: skip
+    return 0
+
+
+def save(job: Job, step: int) -> None:
+    """A checkpoint of `step` (collective; train/checkpoint.py), with this rank's data position and metric totals."""
+    t0 = time.perf_counter()
+    client = {"step": step, "ep_size": job.cfg.parallel.ep_size, "world_size": job.env.world_size}
+    rank_file = {"data": job.train_loader.state_dict(), "metrics": job.metrics.state_dict(), "step": step}
+    saved = checkpoint.save(job.engine, job.ckpt_root, step, client, rank_file, job.cfg.train.keep_checkpoints,
+                            fault_point=job.hooks.in_save)  # fmt: skip
+    if saved:
+        job.metrics.on_checkpoint(step, time.perf_counter() - t0)
+    else:
+        job.metrics.on_event("checkpoint_refused_nonfinite", step=step)
+
+
+def run_eval(job: Job, step: int) -> dict | None:
+    """An evaluation over the whole validation set (collective), or None without one."""
+    if job.val_loader is None:
+        return None
+    job.hooks.before_eval(step)
+    result = evaluate(unwrap(job.engine), job.val_loader, job.device, job.dtype, should_stop=lambda: job.stop.requested)
+    if result is None:  # a stop request during the evaluation: every rank left it at the same batch
+        raise StopDuringEval(step)
+    job.metrics.on_eval({"step": step, "eval_top1": result["top1"], "eval_top5": result["top5"],
+                         "eval_loss": result["loss"], "images": result["images"]})  # fmt: skip
+    return result
+
+
+def checkpoint_and_requeue(job: Job, step: int, during: str = "") -> int:
+    """A stop request (a signal here or on another rank): checkpoint `step` and exit with EXIT_REQUEUE."""
+    rank, stop = job.env.rank, job.stop
+    log.warning("rank %d: %s received%s, checkpointing at step %d and exiting for requeue", rank,
+                stop.signal_name or "stop request from another rank", during, step)  # fmt: skip
+    save(job, step)
+    since = f" {stop.seconds_since():.1f} s after {stop.signal_name}" if stop.requested else ""
+    log.warning("rank %d: checkpoint of step %d done%s; exit code %d", rank, step, since, EXIT_REQUEUE)
+    return EXIT_REQUEUE

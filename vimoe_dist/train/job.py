@@ -1,0 +1,49 @@
+"""What the training step and the step-boundary actions share, built once by `train` (train/loop.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vimoe_dist.config import Config
+from vimoe_dist.parallel.env import DistEnv
+from vimoe_dist.train.fault_hooks import FaultHooks
+from vimoe_dist.train.monitor import RoutingMonitor
+from vimoe_dist.train.signals import StopRequest
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Job:
+    """One rank's training job: its config and place, the engine, data, metrics and watchers."""
+
+    cfg: Config
+    env: DistEnv
+    run_dir: Path
+    engine: Any  # deepspeed's engine around the parallelized model (parallel/engine.py)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # timm's CosineLRScheduler, stepped per optimizer step
+    criterion: nn.Module
+    train_loader: Any
+    val_loader: Any | None
+    metrics: Any  # the metrics sinks (vimoe_dist.metrics)
+    monitor: RoutingMonitor
+    hooks: FaultHooks
+    stop: StopRequest
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.cfg.parallel.precision]
