@@ -82,8 +82,8 @@ class MoEConfig:
     # router options (each router reads the ones it knows; see routers/__init__.py)
     bpr: bool = True
     renormalize: bool = False
-    noise_std: float = 0.0
-    slots_per_expert: int = 1
+    noise_std: float = 0.0  # gate noise std relative to 1/E (V-MoE): N(0, (noise_std / E)^2); absolute for soft
+    slots_per_expert: int | None = None  # soft; None: round(U * capacity_factor / E) per group of U units (vmoe)
     sinkhorn_iters: int = 10
     sparse_gamma: float = 1.0
     sparse_iters: int = 50
@@ -373,7 +373,8 @@ def validate(cfg: Config) -> None:
     _choice("model.moe.pool", moe.pool, POOL_MODES)
     _choice("model.moe.impl", moe.impl, IMPLS)
     _positive("model.moe.group_size", moe.group_size)
-    _positive("model.moe.slots_per_expert", moe.slots_per_expert)
+    if moe.slots_per_expert is not None:
+        _positive("model.moe.slots_per_expert", moe.slots_per_expert)
     _positive("model.moe.sinkhorn_iters", moe.sinkhorn_iters)
     _positive("model.moe.noise_std", moe.noise_std, allow_zero=True)
     for key in ("importance_loss", "load_loss", "switch_loss", "z_loss"):

@@ -31,16 +31,28 @@ def router_options(name: str) -> set[str]:
             continue
         params = inspect.signature(cls.__init__).parameters
         names |= {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY or v.kind is v.POSITIONAL_OR_KEYWORD}
-    return (names | {"importance_loss", "load_loss", "switch_loss", "z_loss"}) - {"self", "dim", "num_experts"}
+    # num_units is not an option but a fact of the layer (see build_router)
+    return (names | {"importance_loss", "load_loss", "switch_loss", "z_loss"}) - {
+        "self",
+        "dim",
+        "num_experts",
+        "num_units",
+    }
 
 
-def build_router(name: str, dim: int, num_experts: int, **options: Any) -> nn.Module:
-    """Builds router `name`; called on x [T, D] (one group) or [G, U, D] it returns a `Routing`."""
+def build_router(name: str, dim: int, num_experts: int, num_units: int | None = None, **options: Any) -> nn.Module:
+    """Builds router `name`; called on x [T, D] (one group) or [G, U, D] it returns a `Routing`.
+
+    `num_units`, the units per routing group, goes to the routers whose parameters depend on it (Soft MoE with its
+    slots derived from `capacity_factor`) and is ignored by the others.
+    """
     if name not in ROUTERS:
         raise ValueError(f"router: unknown router {name!r}; known: {', '.join(sorted(ROUTERS))}")
     unknown = sorted(set(options) - router_options(name))
     if unknown:
         raise ValueError(f"router {name}: unknown option {unknown[0]!r}")
+    if "num_units" in inspect.signature(ROUTERS[name].__init__).parameters:
+        options["num_units"] = num_units
     return ROUTERS[name](dim, num_experts, **options)
 
 
