@@ -1,0 +1,175 @@
+"""`vimoe study routers`: the compute matching (checked against what the routers then compute), bad input as one
+line and exit 2, the report's numbers and findings, the Slurm array, bounded local runs, and (slow) the whole
+command on a tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vimoe_dist.analysis.router_report import findings, summarise, table_lines, write_report
+from vimoe_dist.analysis.study_routers import STUDY_ROUTERS, Run, _run_bounded, match_compute, parse_routers
+from vimoe_dist.cli import main
+from vimoe_dist.config import load_config
+from vimoe_dist.errors import UserError
+from vimoe_dist.model.moe.routers import build_router
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / "configs" / "router_study.yaml")
+
+
+def test_parse_routers() -> None:
+    assert parse_routers(None) == list(STUDY_ROUTERS)
+    assert parse_routers("soft, tc-softmax") == ["tc-softmax", "soft"]  # the paper's order
+    with pytest.raises(UserError, match="--routers: unknown router 'tc-nope'"):
+        parse_routers("tc-softmax,tc-nope")
+
+
+@pytest.mark.parametrize(("top_k", "units"), [(1, 8), (2, 8), (1, 136)])
+def test_matching_gives_every_router_the_rows_of_token_choice(top_k: int, units: int) -> None:
+    # E = 4 experts; token choice top-k asks for k U expert rows per group. Each matched router, built from the
+    # overrides, must offer exactly that: E C = k U buffer slots (token choice fills at most that many), k U rows
+    # for expert choice (always full), E S = k U slots for Soft MoE.
+    cfg = load_config(CONFIG, [f"model.moe.top_k={top_k}"])
+    torch.manual_seed(0)
+    x_GUD = torch.randn(3, units, 8)
+    for m in match_compute(cfg, list(STUDY_ROUTERS), units):
+        moe = load_config(CONFIG, [f"model.moe.top_k={top_k}", *m.overrides]).model.moe
+        options = {"slots_per_expert": moe.slots_per_expert} if m.router == "soft" else {}
+        if m.router != "soft":
+            options = {"top_k": moe.top_k, "capacity_factor": moe.capacity_factor}
+        routing = build_router(m.router, 8, 4, **options).train()(x_GUD)
+        assert routing.num_experts * routing.capacity == top_k * units, m.router
+        rows_G = routing.units_per_expert().sum().item() / 3
+        if m.router.startswith("tc-"):
+            assert rows_G <= top_k * units
+        else:
+            assert rows_G == top_k * units, m.router
+
+
+def test_matching_that_cannot_be_met() -> None:
+    cfg = load_config(CONFIG, ["model.moe.num_experts=3"])
+    with pytest.raises(UserError, match="matched compute cannot be met: top_k 1 x 136 units per group = 136 expert"):
+        match_compute(cfg, ["tc-softmax", "soft"], 136)
+    cfg = load_config(CONFIG, ["model.moe.min_capacity=40"])  # 136 / 4 = 34 slots per expert
+    with pytest.raises(UserError, match="min_capacity=40 exceeds the 34 slots"):
+        match_compute(cfg, ["ec-softmax"], 136)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--routers", "tc-softmax,tc-nope"], "--routers: unknown router 'tc-nope'"),
+        (["model.moe.num_experts=3"], "matched compute cannot be met"),
+        (["model.moe.noise_std=-1"], "model.moe.noise_std: must be >= 0"),
+        (["model.moe.load_loss=-0.1"], "model.moe.load_loss: must be >= 0"),
+        (["model.moe.z_loss=.inf"], "model.moe.z_loss: must be >= 0"),
+        (["--seeds", "0"], "--seeds: must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["study", "routers", "--config", CONFIG, "--out", str(tmp_path), "--dry-run", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def _result(router: str, seed: int, top1: float) -> dict:
+    return {"router": router, "seed": seed, "top1": top1, "top5": 99.0, "train_loss": 1.0, "images_per_sec": 100.0,
+            "dropped": 0.0, "load": 1.0, "loss_curve": [(1, 2.0), (2, 1.0)]}  # fmt: skip
+
+
+def test_summary_and_findings_by_hand() -> None:
+    # tc-softmax 70, 72 (mean 71, sample sd sqrt(2)); ec-softmax 75, 77 (76, sqrt(2)); soft 73, 75 (74, sqrt(2)).
+    results = [_result("tc-softmax", 0, 70.0), _result("tc-softmax", 1, 72.0), _result("ec-softmax", 0, 75.0),
+               _result("ec-softmax", 1, 77.0), _result("soft", 0, 73.0), _result("soft", 1, 75.0)]  # fmt: skip
+    summary = summarise(results)
+    assert summary["tc-softmax"]["top1"] == pytest.approx((71.0, math.sqrt(2)))
+    assert table_lines(summary)[2].startswith("| `tc-softmax` | 2 | 71.0 ± 1.4 | 99.0 ± 0.0 |")
+    (i, ii, iii) = findings(summary)
+    assert "from 71.0% (tc-softmax) to 76.0% (ec-softmax)" in i
+    # (ii): gap 76 - 71 = +5; standard errors sqrt(2)/sqrt(2) = 1 each, of the gap sqrt(2): 2 se = 2.8 < 5: above
+    assert ii.startswith("(ii) Expert Choice over Token Choice held") and "gap +5.0 points, above" in ii
+    assert "of 2.8 points" in ii and "1 of 1 expert/token pairs" in ii
+    # (iii): soft 74 against the best sparse router ec-softmax 76: -2, within 2.8
+    assert iii.startswith("(iii) Soft MoE over sparse MoE at matched compute did not hold")
+    assert "ec-softmax at 76.0% (gap -2.0 points, within the seed noise of 2.8 points); soft beats 1 of 2" in iii
+    # one seed: no spread, and the sentences say so; a subset without expert choice cannot test (ii)
+    one = findings(summarise([_result("tc-softmax", 0, 70.0), _result("soft", 0, 73.0)]))
+    assert "not tested" in one[1] and "one seed: no spread" in one[2]
+
+
+def test_slurm_dry_run_prints_one_array_task_per_run(tmp_path, capsys) -> None:
+    argv = ["study", "routers", "--config", CONFIG, "--out", str(tmp_path), "--slurm", "--dry-run"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--routers", "tc-softmax,soft", "--seeds", "2", "--partition", "gpu"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "#SBATCH --array=0-3" in out and "#SBATCH --partition=gpu" in out
+    for i, run in enumerate([Run("tc-softmax", 0), Run("tc-softmax", 1), Run("soft", 0), Run("soft", 1)]):
+        assert f"  {i}) [ -f {tmp_path / run.name / 'eval.json'} ]" in out
+    assert "model.moe.slots_per_expert=34" in out and "run.seed=1" in out
+
+
+def test_local_run_is_bounded_by_its_timeout(tmp_path) -> None:
+    # the run and the child it started are both ended when the timeout passes
+    pid_file = tmp_path / "child.pid"
+    code = "import subprocess, sys, time; "
+    code += (
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); open({str(pid_file)!r}, 'w')"
+    )
+    code += ".write(str(p.pid)); time.sleep(120)"
+    t0 = time.monotonic()
+    assert _run_bounded([sys.executable, "-c", code], timeout_s=3) is None
+    assert time.monotonic() - t0 < 60
+    child = int(pid_file.read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+@pytest.mark.slow
+def test_study_end_to_end_at_a_tiny_size(tmp_path, capsys) -> None:
+    # 2 routers x 2 seeds x 2 steps of a tiny model on a tiny families set: the real trainer, the real report
+    data = tmp_path / "data"
+    main_ok = ["data", "families", "--out", str(data), "--families", "2", "--per-family", "2", "--images", "64"]
+    with pytest.raises(SystemExit) as e:
+        main([*main_ok, "--val-images", "16", "--workers", "1", "--max-count", "32"])
+    assert e.value.code == 0
+    out = tmp_path / "study"
+    tiny = [f"data.train={data}/train-*.tar", f"data.val={data}/val-*.tar", "model.num_classes=4", "train.steps=2",
+            "train.global_batch_size=16", "train.warmup_steps=1", "train.log_every=1", "data.num_workers=0",
+            "model.backbone_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"]  # fmt: skip
+    argv = ["study", "routers", "--config", CONFIG, "--out", str(out), "--routers", "tc-softmax,soft", "--seeds", "2"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--timeout-s", "600", *tiny])
+    assert e.value.code == 0, capsys.readouterr().err[-3000:]
+    printed = capsys.readouterr().out
+    assert "study:   soft         slots_per_expert 34" in printed
+    report = json.loads((out / "routers.json").read_text())
+    assert [(r["router"], r["seed"]) for r in report["runs"]] == [("soft", 0), ("soft", 1), ("tc-softmax", 0),
+                                                                   ("tc-softmax", 1)]  # fmt: skip
+    for run in report["runs"]:
+        assert 0 <= run["dropped"] <= 100 and run["load"] >= 1.0 and run["images_per_sec"] > 0
+    assert (out / "routers.png").stat().st_size > 0
+    assert "(iii) Soft MoE over sparse MoE" in (out / "routers.md").read_text()
+    # a second call runs nothing again and rewrites the same report
+    with pytest.raises(SystemExit) as e:
+        main([*argv, *tiny])
+    assert e.value.code == 0 and capsys.readouterr().out.count("done already") == 4
+    assert write_report(out).lines == (out / "routers.md").read_text().splitlines()
+
+
+def test_families_task_is_balanced_and_names_its_families(tmp_path) -> None:
+    from vimoe_dist.data.families import class_names, write_families
+
+    manifests = write_families(tmp_path, num_families=3, per_family=2, num_images=12, num_val=6, progress=False)
+    assert manifests["train"].label_counts == [2] * 6 and manifests["val"].label_counts == [1] * 6
+    assert class_names(3, 2) == ["gratings0", "gratings1", "rings0", "rings1", "blobs0", "blobs1"]
+    with pytest.raises(UserError, match="--families: must be between 1 and 6"):
+        write_families(tmp_path, num_families=7)

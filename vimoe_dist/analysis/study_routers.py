@@ -1,0 +1,310 @@
+"""`vimoe study routers`: the head-to-head of "Routers in Vision Mixture of Experts" (Liu et al., TMLR 2024) as a
+command: every router of the zoo trained at matched compute, with several seeds, then a table, a plot and one
+sentence per finding of the paper on whether its ranking held on this data.
+
+Matched compute: with E experts, top_k k and U units per routing group, token choice top-k asks for k U expert
+rows per group. Every router gets exactly that budget: token choice a capacity factor of 1 (C = k U / E slots per
+expert, so E C = k U; a choice that finds its expert full is dropped and not computed), expert choice the same
+C (its buffers are always full: k U rows), Soft MoE k U / E slots per expert (E S = k U slots, each a mix of the
+group's units). k U must split evenly over the E experts, or the budgets would differ by the rounding.
+
+Each run is an ordinary training run,
+
+    python -m vimoe_dist train --config FILE [overrides] model.moe.router=R ... run.seed=S run.out_dir=OUT/R/seedS
+
+run one after the other here (each bounded by --timeout-s) or as one Slurm job array as `vimoe study layers` does.
+A run whose `eval.json` exists is not run again and an interrupted one resumes, so the command can be repeated;
+`--report-only` writes the table and plot from whatever runs have finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from vimoe_dist.config import ROUTER_NAMES, Config
+from vimoe_dist.errors import UserError
+
+# the paper's order: token choice, expert choice, soft
+STUDY_ROUTERS = ("tc-softmax", "tc-sinkhorn", "ec-softmax", "ec-sinkhorn", "ec-sparse", "soft")
+BALANCING_LOSSES = ("importance_loss", "load_loss", "switch_loss")
+
+
+@dataclass(frozen=True)
+class Matching:
+    """The budget of one router: the overrides that give it k U expert rows per group, and why."""
+
+    router: str
+    overrides: tuple[str, ...]
+    explain: str
+
+
+@dataclass(frozen=True)
+class Run:
+    router: str
+    seed: int
+
+    @property
+    def name(self) -> str:  # a path under --out; also what `study.task_script` reads
+        return f"{self.router}/seed{self.seed}"
+
+
+def register(studies: argparse._SubParsersAction, fmt: type) -> None:
+    """`vimoe study routers`, registered next to `vimoe study layers` (analysis/cli.py)."""
+    from vimoe_dist.cli import add_config_args
+
+    ro = studies.add_parser(
+        "routers",
+        help="the Routers paper's head-to-head: every router at matched compute, several seeds, table and plot",
+        description=__doc__,
+        formatter_class=fmt,
+    )
+    ro.add_argument("--routers", metavar="R1,R2,...", help=f"default: all ({', '.join(STUDY_ROUTERS)})")
+    ro.add_argument("--seeds", type=int, default=3, help="runs per router, seeds run.seed, +1, ... (default 3)")
+    ro.add_argument("--out", default="runs/router_study", metavar="DIR", help="ROUTER/seedS run directories + report")
+    ro.add_argument(
+        "--launch",
+        default=sys.executable,
+        metavar="PREFIX",
+        help="what runs `-m vimoe_dist train ...` (default: python)",
+    )
+    ro.add_argument("--timeout-s", type=float, default=3600.0, help="limit per local run (default 3600)")
+    ro.add_argument("--report-only", action="store_true", help="only write the table and plot of the finished runs")
+    ro.add_argument("--dry-run", action="store_true", help="print the matching and the commands (or the sbatch script)")
+    sl = ro.add_argument_group("Slurm array (instead of running one after the other here)")
+    sl.add_argument("--slurm", action="store_true", help="submit the runs as one Slurm job array")
+    sl.add_argument("--nodes", type=int, default=1)
+    sl.add_argument("--gpus-per-node", type=int, default=0)
+    sl.add_argument("--ntasks-per-node", type=int)
+    sl.add_argument("--cpus-per-task", type=int)
+    sl.add_argument("--partition")
+    sl.add_argument("--time", help="time limit per run (Slurm format)")
+    sl.add_argument("--sbatch", action="append", default=[], metavar="OPTION[=VALUE]", help="extra #SBATCH line")
+    sl.add_argument("--wait", action="store_true", help="wait for the array to end, then write the report")
+    add_config_args(ro, required=False)
+    ro.set_defaults(func=run_study_routers)
+
+
+def parse_routers(text: str | None) -> list[str]:
+    """`tc-softmax,soft` -> the routers in the paper's order; None: all of them."""
+    if text is None:
+        return list(STUDY_ROUTERS)
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in ROUTER_NAMES]
+    if unknown or not names:
+        raise UserError(f"--routers: unknown router {unknown[0]!r}; known: {', '.join(STUDY_ROUTERS)}" if unknown else
+                        f"--routers: {text!r} names no router; known: {', '.join(STUDY_ROUTERS)}")  # fmt: skip
+    return [r for r in STUDY_ROUTERS if r in names]
+
+
+def default_config() -> str:
+    """`configs/router_study.yaml` of the source tree this package runs from (the families task)."""
+    path = Path(__file__).resolve().parents[2] / "configs" / "router_study.yaml"
+    if not path.is_file():
+        raise UserError(f"--config: no default study config at {path}; pass --config FILE")
+    return str(path)
+
+
+def units_per_group(cfg: Config) -> tuple[int, int]:
+    """(U units per routing group, rows per unit): images and their tokens, or tokens and 1."""
+    from vimoe_dist.model import build_dense
+
+    vit = build_dense(cfg.model)
+    tokens = vit.patch_embed.num_patches + getattr(vit, "num_prefix_tokens", 1)
+    g = cfg.model.moe.group_size
+    return (g, tokens) if cfg.model.moe.routing == "image" else (g * tokens, 1)
+
+
+def match_compute(cfg: Config, routers: list[str], units: int) -> list[Matching]:
+    """The overrides that give each router the k U expert rows per group of token choice top-k."""
+    moe = cfg.model.moe
+    k, E = moe.top_k, moe.num_experts
+    if (k * units) % E:
+        raise UserError(
+            f"matched compute cannot be met: top_k {k} x {units} units per group = {k * units} expert rows do not "
+            f"split evenly over model.moe.num_experts={E}; change model.moe.group_size, top_k or num_experts"
+        )
+    slots = k * units // E
+    if moe.min_capacity > slots:
+        raise UserError(
+            f"matched compute cannot be met: model.moe.min_capacity={moe.min_capacity} exceeds the {slots} slots per "
+            f"expert of the matched budget; lower it"
+        )
+    off = tuple(f"model.moe.{key}=0" for key in BALANCING_LOSSES)
+    kept = ", ".join(f"{key} {getattr(moe, key):g}" for key in (*BALANCING_LOSSES, "z_loss") if getattr(moe, key))
+    noise = f"noise_std {moe.noise_std:g} (relative)" if moe.noise_std else "no noise"
+    out = []
+    for r in routers:
+        base = (f"model.moe.router={r}", f"model.moe.top_k={k}")
+        if r.startswith("tc-"):
+            ov = (*base, "model.moe.capacity_factor=1.0", "model.moe.eval_capacity_factor=1.0")
+            why = f"capacity_factor 1: C = {k} x {units} / {E} = {slots} slots per expert, at most {k * units} rows"
+            why += f" (dropped choices are not computed); {noise}; {kept or 'no auxiliary loss'}"
+        elif r.startswith("ec-"):
+            ov = (*base, "model.moe.capacity_factor=1.0", "model.moe.eval_capacity_factor=1.0", *off)
+            why = f"capacity_factor 1: C = {slots} slots per expert, always full: {k * units} rows; {noise}; no "
+            why += "balancing loss (as its authors train it)"
+        else:
+            ov = ("model.moe.router=soft", f"model.moe.slots_per_expert={slots}", "model.moe.noise_std=0", *off)
+            why = f"slots_per_expert {slots}: {E} x {slots} = {k * units} slots, each a mix of the group's units; no "
+            why += "noise, no balancing loss (as its authors train it)"
+        out.append(Matching(r, ov, why))
+    return out
+
+
+def train_command(launch: str, config: str, overrides: list[str], matching: Matching, run: Run, out: Path) -> list[str]:
+    """One run's command line; the study's keys come last so they win over the user's overrides."""
+    return [
+        *shlex.split(launch),
+        *("-m", "vimoe_dist", "train", "--config", config),
+        *overrides,
+        *matching.overrides,
+        f"run.seed={run.seed}",
+        f"run.out_dir={out / run.name}",
+    ]
+
+
+def run_study_routers(args: argparse.Namespace) -> int:
+    """The `vimoe study routers` command."""
+    from vimoe_dist.analysis.router_report import write_report
+    from vimoe_dist.config import load_config
+
+    out = Path(args.out).resolve()
+    if args.report_only:
+        return _report(write_report(out))
+    config = str(Path(args.config or default_config()).resolve())
+    routers = parse_routers(args.routers)
+    if args.seeds < 1:
+        raise UserError(f"--seeds: must be >= 1, got {args.seeds}")
+    if args.timeout_s <= 0:
+        raise UserError(f"--timeout-s: must be > 0, got {args.timeout_s}")
+    cfg = load_config(config, list(args.overrides))  # a typo fails here, not in the first run
+    units, rows = units_per_group(cfg)
+    matchings = match_compute(cfg, routers, units)
+    moe = cfg.model.moe
+    per_unit = f"{rows} tokens per unit" if rows > 1 else "1 token per unit"
+    print(f"study: matched compute: {moe.num_experts} experts, top_k {moe.top_k}, {units} units per routing group "
+          f"({moe.routing} routing, {per_unit}): {moe.top_k * units} expert rows per group for every router",
+          flush=True)  # fmt: skip
+    for m in matchings:
+        print(f"study:   {m.router:<12} {m.explain}")
+    if not args.slurm and not args.dry_run:
+        _check_data(cfg)
+    runs = [Run(m.router, cfg.run.seed + i) for m in matchings for i in range(args.seeds)]
+    by_router = {m.router: m for m in matchings}
+    commands = [train_command(args.launch, config, list(args.overrides), by_router[r.router], r, out) for r in runs]
+    if args.slurm:
+        return _submit(args, runs, commands, out)
+    failed = []
+    for run, cmd in zip(runs, commands):
+        if (out / run.name / "eval.json").is_file():
+            print(f"study: {run.name} done already", flush=True)
+            continue
+        print(f"study: {run.name}: {shlex.join(cmd)}", flush=True)
+        if args.dry_run:
+            continue
+        code = _run_bounded(cmd, args.timeout_s)
+        if code != 0:
+            failed.append(run.name)
+            why = f"timed out after {args.timeout_s:g} s" if code is None else f"exited with {code}"
+            print(f"study: {run.name} {why}; going on with the others", file=sys.stderr, flush=True)
+    if args.dry_run:
+        return 0
+    _report(write_report(out))
+    if failed:
+        print(f"study: failed runs: {', '.join(failed)} (their logs are above; rerun to retry)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_data(cfg: Config) -> None:
+    from vimoe_dist.data.sources import expand_shards
+
+    try:
+        expand_shards(cfg.data.train, "data.train", cfg.data.allow_pipe)
+        expand_shards(cfg.data.val, "data.val", cfg.data.allow_pipe)
+    except UserError as e:
+        raise UserError(f"{e} (the study's default task: vimoe data families --out data/families)") from None
+
+
+def _run_bounded(cmd: list[str], timeout_s: float) -> int | None:
+    """Runs one training run in its own process group; on timeout the whole group is ended (TERM, then KILL)."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return None
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        raise
+
+
+def _report(report) -> int:
+    for line in report.lines:
+        print(line)
+    print(f"wrote {report.table}, {report.plot} and {report.json}", flush=True)
+    return 0
+
+
+def _submit(args: argparse.Namespace, runs: list[Run], commands: list[list[str]], out: Path) -> int:
+    """One Slurm job array, one task per run, rendered as `vimoe study layers` renders its array."""
+    from vimoe_dist.analysis.study import task_script
+    from vimoe_dist.launch.sbatch import SlurmJob, default_template, render_sbatch
+
+    slurm_dir = out / "slurm"
+    tasks = slurm_dir / "study_task.sh"
+    job = SlurmJob(
+        command=["bash", str(tasks)],
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        ntasks_per_node=args.ntasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        partition=args.partition,
+        time=args.time,
+        job_name="vimoe-study-routers",
+        log_dir=str(slurm_dir),
+        workdir=str(Path.cwd()),
+        extra_sbatch=[f"array=0-{len(runs) - 1}", *args.sbatch],
+    )
+    script = render_sbatch(job, default_template().read_text())
+    script = script.replace(f"--output={slurm_dir}/%x-%j.out", f"--output={slurm_dir}/%x-%A_%a.out")
+    cmd = ["sbatch", "--parsable", *(["--wait"] if args.wait else []), str(slurm_dir / "study.sbatch")]
+    if args.dry_run:
+        print(task_script(runs, commands, out), end="")
+        print(script, end="")
+        print(shlex.join(cmd))
+        return 0
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    tasks.write_text(task_script(runs, commands, out))
+    (slurm_dir / "study.sbatch").write_text(script)
+    print(shlex.join(cmd), flush=True)
+    try:
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        raise UserError("sbatch not found: run --slurm on a Slurm login node, or drop --slurm") from None
+    if result.returncode != 0:
+        return result.returncode
+    print(f"submitted array job {result.stdout.strip().split(';')[0]}: {len(runs)} runs, logs in {slurm_dir}")
+    if args.wait:
+        from vimoe_dist.analysis.router_report import write_report
+
+        return _report(write_report(out))
+    print(f"when it has finished: vimoe study routers --out {out} --report-only")
+    return 0
