@@ -5,8 +5,8 @@ Experts" (Liu et al., TMLR 2024) on whether its ranking held on this data:
   (ii)  in sparse MoE, Expert Choice routers generally beat Token Choice routers;
   (iii) Soft MoE beats the sparse MoEs at a fixed compute budget.
 
-A gap counts as above the seed noise when it exceeds twice its standard error over seeds (sqrt(s_a^2/n_a +
-s_b^2/n_b), s the spread over seeds); with one seed there is no spread and the sentence says so.
+Comparisons are paired by seed (runs of one seed share initialisation and data order): a gap counts as above the
+seed noise when it exceeds twice the standard error of the per-seed gaps; with one seed the sentence says so.
 
 Read from each run directory OUT/ROUTER/seedS: `eval.json` (top-1, top-5), `config.yaml`, `deepspeed_config.json`
 (the batch per rank) and `metrics.jsonl` (loss, images/s and the MoE statistics of rank 0 at every log step:
@@ -129,50 +129,50 @@ def table_lines(summary: dict[str, dict]) -> list[str]:
     return lines
 
 
-def _family(summary: dict[str, dict], routers: list[str]) -> tuple[float, float | None]:
-    """Mean top-1 of a family of routers (the mean of their means) and its standard error over seeds (None with one
-    seed): sqrt(sum_r s_r^2 / n_r) / m for m routers with spreads s_r over n_r seeds."""
-    rows = [summary[r] for r in routers]
-    mean = statistics.fmean(row["top1"][0] for row in rows)
-    if any(row["top1"][1] is None for row in rows):
-        return mean, None
-    return mean, math.sqrt(sum(row["top1"][1] ** 2 / row["n"] for row in rows)) / len(rows)
+def _paired_gap(results: list[dict], a: list[str], b: list[str]) -> tuple[float, str]:
+    """Mean top-1 of routers `a` minus that of routers `b`, paired by seed, and whether it is above the seed noise.
+
+    Runs with the same seed share the backbone's initialisation and the data order (the trainer seeds both from
+    run.seed), so seed-to-seed variation is largely common to every router: the comparison is made per seed, d_s =
+    mean_a(s) - mean_b(s) over the seeds every router of both sides finished, and the gap mean(d) counts as above the
+    noise when it exceeds twice its standard error stdev(d) / sqrt(n).
+    """
+    top1 = {(r["router"], r["seed"]): r["top1"] for r in results}
+    seeds = sorted(set.intersection(*({s for (r, s) in top1 if r == name} for name in (*a, *b))))
+    if not seeds:
+        return math.nan, "no seed finished for every router compared"
+    d = [statistics.fmean(top1[r, s] for r in a) - statistics.fmean(top1[r, s] for r in b) for s in seeds]
+    gap = statistics.fmean(d)
+    if len(d) < 2:
+        return gap, "one common seed: no spread to judge it by"
+    two_se = 2 * statistics.stdev(d) / math.sqrt(len(d))
+    verdict = "above" if abs(gap) > two_se else "within"
+    return gap, f"{verdict} the seed noise: 2 standard errors of the per-seed gap over {len(d)} seeds = {two_se:.1f}"
 
 
-def _gap(a: tuple[float, float | None], b: tuple[float, float | None]) -> tuple[float, str]:
-    """a - b in points, and whether that is above the seed noise (twice its standard error)."""
-    gap = a[0] - b[0]
-    if a[1] is None or b[1] is None:
-        return gap, "one seed: no spread to judge it by"
-    se = math.hypot(a[1], b[1])
-    return gap, f"{'above' if abs(gap) > 2 * se else 'within'} the seed noise of {2 * se:.1f} points"
-
-
-def findings(summary: dict[str, dict]) -> list[str]:
-    """One sentence per finding of the paper (module docstring), from the mean top-1 over seeds."""
+def findings(summary: dict[str, dict], results: list[dict]) -> list[str]:
+    """One sentence per finding of the paper (module docstring), from top-1 over seeds."""
     out = []
     top1 = {r: row["top1"][0] for r, row in summary.items()}
     if top1:
         best, worst = max(top1, key=top1.get), min(top1, key=top1.get)
-        chance = "" if min(top1.values()) > 0 else " (one router did not learn)"
-        out.append(f"(i) every router trains: top-1 from {top1[worst]:.1f}% ({worst}) to {top1[best]:.1f}% "
-                   f"({best}){chance}.")  # fmt: skip
+        out.append(f"(i) every router trains: top-1 from {top1[worst]:.1f}% ({worst}) to {top1[best]:.1f}% ({best}).")
     tc = [r for r in TOKEN_CHOICE if r in summary]
     ec = [r for r in EXPERT_CHOICE if r in summary]
     if tc and ec:
-        ec_fam, tc_fam = _family(summary, ec), _family(summary, tc)
-        gap, noise = _gap(ec_fam, tc_fam)
+        gap, noise = _paired_gap(results, ec, tc)
         held = "held" if gap > 0 else "did not hold"
         pairs = sum(top1[e] > top1[t] for e in ec for t in tc)
-        out.append(f"(ii) Expert Choice over Token Choice {held}: expert choice averages {ec_fam[0]:.1f}% top-1, "
-                   f"token choice {tc_fam[0]:.1f}% (gap {gap:+.1f} points, {noise}); {pairs} of {len(ec) * len(tc)} "
-                   "expert/token pairs favour expert choice.")  # fmt: skip
+        out.append(f"(ii) Expert Choice over Token Choice {held}: expert choice averages "
+                   f"{statistics.fmean(top1[r] for r in ec):.1f}% top-1, token choice "
+                   f"{statistics.fmean(top1[r] for r in tc):.1f}% (gap {gap:+.1f} points, {noise}); {pairs} of "
+                   f"{len(ec) * len(tc)} expert/token pairs favour expert choice.")  # fmt: skip
     else:
         out.append("(ii) Expert Choice over Token Choice: not tested (needs a router of each kind).")
     sparse = [r for r in summary if r != "soft"]
     if "soft" in summary and sparse:
         rival = max(sparse, key=top1.get)
-        gap, noise = _gap(_family(summary, ["soft"]), _family(summary, [rival]))
+        gap, noise = _paired_gap(results, ["soft"], [rival])
         held = "held" if gap > 0 else "did not hold"
         beaten = sum(top1["soft"] > top1[r] for r in sparse)
         out.append(f"(iii) Soft MoE over sparse MoE at matched compute {held}: soft {top1['soft']:.1f}% top-1 against "
@@ -224,7 +224,7 @@ def write_report(study_dir: Path) -> Report:
     if not results:
         raise UserError(f"{study_dir}: no finished run (no ROUTER/seedS/eval.json)")
     summary = summarise(results)
-    lines = [*table_lines(summary), "", *findings(summary)]
+    lines = [*table_lines(summary), "", *findings(summary, results)]
     table = study_dir / "routers.md"
     table.write_text("\n".join(lines) + "\n")
     data = {"summary": summary, "runs": [{k: v for k, v in r.items() if k != "loss_curve"} for r in results]}

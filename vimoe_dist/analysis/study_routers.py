@@ -196,7 +196,8 @@ def run_study_routers(args: argparse.Namespace) -> int:
         print(f"study:   {m.router:<12} {m.explain}")
     if not args.slurm and not args.dry_run:
         _check_data(cfg)
-    runs = [Run(m.router, cfg.run.seed + i) for m in matchings for i in range(args.seeds)]
+    # seed-major: on a shared machine a change of load then spreads over every router instead of hitting one
+    runs = [Run(m.router, cfg.run.seed + i) for i in range(args.seeds) for m in matchings]
     by_router = {m.router: m for m in matchings}
     commands = [train_command(args.launch, config, list(args.overrides), by_router[r.router], r, out) for r in runs]
     if args.slurm:
