@@ -30,35 +30,45 @@ def test_parse_routers() -> None:
         parse_routers("tc-softmax,tc-nope")
 
 
-@pytest.mark.parametrize(("top_k", "units"), [(1, 8), (2, 8), (1, 136)])
-def test_matching_gives_every_router_the_rows_of_token_choice(top_k: int, units: int) -> None:
-    # E = 4 experts; token choice top-k asks for k U expert rows per group. Each matched router, built from the
-    # overrides, must offer exactly that: E C = k U buffer slots (token choice fills at most that many), k U rows
-    # for expert choice (always full), E S = k U slots for Soft MoE.
-    cfg = load_config(CONFIG, [f"model.moe.top_k={top_k}"])
+@pytest.mark.parametrize(("top_k", "routing"), [(1, "token"), (2, "token"), (1, "image"), (4, "image")])
+def test_matching_gives_every_router_the_rows_of_token_choice(top_k: int, routing: str) -> None:
+    # E = 4 experts, groups of 8 images of N = 16 tokens; token choice top-k asks for k N expert rows per image.
+    # Each matched router, built from the overrides and run on its routing groups, must offer exactly that: E C =
+    # k U buffer slots per group of U units (token choice fills at most that many), k U rows for expert choice
+    # (always full), E S = k U slots for Soft MoE, whose groups under token routing are single images (U = N).
+    overrides = [f"model.moe.top_k={top_k}", f"model.moe.routing={routing}"]
+    cfg = load_config(CONFIG, overrides)
     torch.manual_seed(0)
-    x_GUD = torch.randn(3, units, 8)
-    for m in match_compute(cfg, list(STUDY_ROUTERS), units):
-        moe = load_config(CONFIG, [f"model.moe.top_k={top_k}", *m.overrides]).model.moe
-        options = {"slots_per_expert": moe.slots_per_expert} if m.router == "soft" else {}
-        if m.router != "soft":
-            options = {"top_k": moe.top_k, "capacity_factor": moe.capacity_factor}
-        routing = build_router(m.router, 8, 4, **options).train()(x_GUD)
-        assert routing.num_experts * routing.capacity == top_k * units, m.router
-        rows_G = routing.units_per_expert().sum().item() / 3
-        if m.router.startswith("tc-"):
-            assert rows_G <= top_k * units
+    for m in match_compute(cfg, list(STUDY_ROUTERS), 16):
+        moe = load_config(CONFIG, [*overrides, *m.overrides]).model.moe
+        units = moe.group_size * (16 if routing == "token" else 1)
+        rows_per_unit = 1 if routing == "token" else 16
+        if m.router == "soft":
+            options = {"slots_per_expert": moe.slots_per_expert}
+            assert moe.group_size == (1 if routing == "token" else 8)
         else:
-            assert rows_G == top_k * units, m.router
+            options = {"top_k": moe.top_k, "capacity_factor": moe.capacity_factor}
+        routing_ = build_router(m.router, 8, 4, **options).train()(torch.randn(3, units, 8))
+        assert routing_.num_experts * routing_.capacity == top_k * units, m.router
+        rows_per_image = routing_.units_per_expert().sum().item() * rows_per_unit / (3 * moe.group_size)
+        if m.router.startswith("tc-"):
+            assert rows_per_image <= top_k * 16
+        else:
+            assert rows_per_image == top_k * 16, m.router
 
 
 def test_matching_that_cannot_be_met() -> None:
-    cfg = load_config(CONFIG, ["model.moe.num_experts=3"])
-    with pytest.raises(UserError, match="matched compute cannot be met: top_k 1 x 136 units per group = 136 expert"):
-        match_compute(cfg, ["tc-softmax", "soft"], 136)
-    cfg = load_config(CONFIG, ["model.moe.min_capacity=40"])  # 136 / 4 = 34 slots per expert
-    with pytest.raises(UserError, match="min_capacity=40 exceeds the 34 slots"):
-        match_compute(cfg, ["ec-softmax"], 136)
+    cfg = load_config(CONFIG, ["model.moe.num_experts=3"])  # 8 x 16 = 128 units per group, not a multiple of 3
+    with pytest.raises(UserError, match="matched compute cannot be met: top_k 1 x 128 units per group = 128 expert"):
+        match_compute(cfg, ["tc-softmax", "soft"], 16)
+    cfg = load_config(CONFIG, ["model.moe.num_experts=8"])  # 128 / 8 = 16 slots; Soft MoE 16 tokens / 8 = 2: fine
+    assert len(match_compute(cfg, ["tc-softmax", "soft"], 16)) == 2
+    # 12 tokens per image: 96 / 8 = 12 slots for the sparse routers, but Soft MoE's 12 / 8 = 1.5 per expert
+    with pytest.raises(UserError, match="top_k 1 x 12 units per Soft MoE group = 12 expert rows"):
+        match_compute(cfg, ["tc-softmax", "soft"], 12)
+    cfg = load_config(CONFIG, ["model.moe.min_capacity=40"])  # 128 / 4 = 32 slots per expert
+    with pytest.raises(UserError, match="min_capacity=40 exceeds the 32 slots"):
+        match_compute(cfg, ["ec-softmax"], 16)
 
 
 @pytest.mark.parametrize(
@@ -114,7 +124,7 @@ def test_slurm_dry_run_prints_one_array_task_per_run(tmp_path, capsys) -> None:
     assert "#SBATCH --array=0-3" in out and "#SBATCH --partition=gpu" in out
     for i, run in enumerate([Run("tc-softmax", 0), Run("soft", 0), Run("tc-softmax", 1), Run("soft", 1)]):
         assert f"  {i}) [ -f {tmp_path / run.name / 'eval.json'} ]" in out
-    assert "model.moe.slots_per_expert=34" in out and "run.seed=1" in out
+    assert "model.moe.slots_per_expert=4 model.moe.noise_std=0" in out and "run.seed=1" in out
 
 
 def test_local_run_is_bounded_by_its_timeout(tmp_path) -> None:
@@ -144,13 +154,14 @@ def test_study_end_to_end_at_a_tiny_size(tmp_path, capsys) -> None:
     out = tmp_path / "study"
     tiny = [f"data.train={data}/train-*.tar", f"data.val={data}/val-*.tar", "model.num_classes=4", "train.steps=2",
             "train.global_batch_size=16", "train.warmup_steps=1", "train.log_every=1", "data.num_workers=0",
-            "model.backbone_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"]  # fmt: skip
+            "model.backbone_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, class_token: false}",
+            ]  # fmt: skip
     argv = ["study", "routers", "--config", CONFIG, "--out", str(out), "--routers", "tc-softmax,soft", "--seeds", "2"]
     with pytest.raises(SystemExit) as e:
         main([*argv, "--timeout-s", "600", *tiny])
     assert e.value.code == 0, capsys.readouterr().err[-3000:]
     printed = capsys.readouterr().out
-    assert "study:   soft         slots_per_expert 34" in printed
+    assert "study:   soft         groups of one image (as its authors), slots_per_expert 4" in printed
     report = json.loads((out / "routers.json").read_text())
     assert [(r["router"], r["seed"]) for r in report["runs"]] == [("soft", 0), ("soft", 1), ("tc-softmax", 0),
                                                                    ("tc-softmax", 1)]  # fmt: skip

@@ -3,10 +3,11 @@ command: every router of the zoo trained at matched compute, with several seeds,
 sentence per finding of the paper on whether its ranking held on this data.
 
 Matched compute: with E experts, top_k k and U units per routing group, token choice top-k asks for k U expert
-rows per group. Every router gets exactly that budget: token choice a capacity factor of 1 (C = k U / E slots per
-expert, so E C = k U; a choice that finds its expert full is dropped and not computed), expert choice the same
-C (its buffers are always full: k U rows), Soft MoE k U / E slots per expert (E S = k U slots, each a mix of the
-group's units). k U must split evenly over the E experts, or the budgets would differ by the rounding.
+rows per group (k N per image of N tokens). Every router gets exactly that budget: token choice a capacity factor
+of 1 (C = k U / E slots per expert, so E C = k U; a choice that finds its expert full is dropped and not
+computed), expert choice the same C (its buffers are always full: k U rows), Soft MoE k U / E slots per expert
+(E S = k U slots, each a mix of the group's units; under token routing in groups of one image, as its authors
+route, so k N / E slots). The budget must split evenly over the E experts, or it would differ by the rounding.
 
 Each run is an ordinary training run,
 
@@ -111,26 +112,34 @@ def default_config() -> str:
     return str(path)
 
 
-def units_per_group(cfg: Config) -> tuple[int, int]:
-    """(U units per routing group, rows per unit): images and their tokens, or tokens and 1."""
+def tokens_per_image(cfg: Config) -> int:
+    """N: the rows an image brings to an MoE block (the backbone's patches plus its prefix tokens)."""
     from vimoe_dist.model import build_dense
 
     vit = build_dense(cfg.model)
-    tokens = vit.patch_embed.num_patches + getattr(vit, "num_prefix_tokens", 1)
-    g = cfg.model.moe.group_size
-    return (g, tokens) if cfg.model.moe.routing == "image" else (g * tokens, 1)
+    return vit.patch_embed.num_patches + getattr(vit, "num_prefix_tokens", 1)
 
 
-def match_compute(cfg: Config, routers: list[str], units: int) -> list[Matching]:
-    """The overrides that give each router the k U expert rows per group of token choice top-k."""
+def match_compute(cfg: Config, routers: list[str], tokens: int) -> list[Matching]:
+    """The overrides that give each router the k N expert rows per image of token choice top-k (N tokens per image).
+
+    Soft MoE under token routing gets routing groups of one image, as its authors route each image's tokens on
+    their own (vmoe's SoftRouter: "g = number of groups (typically batch size)"): a slot mixing the tokens of several
+    images would blend images and make a prediction depend on the others in its group.
+    """
     moe = cfg.model.moe
-    k, E = moe.top_k, moe.num_experts
-    if (k * units) % E:
-        raise UserError(
-            f"matched compute cannot be met: top_k {k} x {units} units per group = {k * units} expert rows do not "
-            f"split evenly over model.moe.num_experts={E}; change model.moe.group_size, top_k or num_experts"
-        )
-    slots = k * units // E
+    k, E, g = moe.top_k, moe.num_experts, moe.group_size
+    units = g * tokens if moe.routing == "token" else g
+    soft_units = tokens if moe.routing == "token" else g
+    checks = [("units per group", units)] if any(r != "soft" for r in routers) else []
+    checks += [("units per Soft MoE group", soft_units)] if "soft" in routers else []
+    for what, n in checks:
+        if (k * n) % E:
+            raise UserError(
+                f"matched compute cannot be met: top_k {k} x {n} {what} = {k * n} expert rows do not split evenly "
+                f"over model.moe.num_experts={E}; change model.moe.group_size, top_k, num_experts or the image size"
+            )
+    slots, soft_slots = k * units // E, k * soft_units // E
     if moe.min_capacity > slots:
         raise UserError(
             f"matched compute cannot be met: model.moe.min_capacity={moe.min_capacity} exceeds the {slots} slots per "
@@ -145,15 +154,20 @@ def match_compute(cfg: Config, routers: list[str], units: int) -> list[Matching]
         if r.startswith("tc-"):
             ov = (*base, "model.moe.capacity_factor=1.0", "model.moe.eval_capacity_factor=1.0")
             why = f"capacity_factor 1: C = {k} x {units} / {E} = {slots} slots per expert, at most {k * units} rows"
-            why += f" (dropped choices are not computed); {noise}; {kept or 'no auxiliary loss'}"
+            why += f" per group (dropped choices are not computed); {noise}; {kept or 'no auxiliary loss'}"
         elif r.startswith("ec-"):
             ov = (*base, "model.moe.capacity_factor=1.0", "model.moe.eval_capacity_factor=1.0", *off)
-            why = f"capacity_factor 1: C = {slots} slots per expert, always full: {k * units} rows; {noise}; no "
-            why += "balancing loss (as its authors train it)"
+            why = f"capacity_factor 1: C = {slots} slots per expert, always full: {k * units} rows per group; {noise}; "
+            why += "no balancing loss (as its authors train it)"
         else:
-            ov = ("model.moe.router=soft", f"model.moe.slots_per_expert={slots}", "model.moe.noise_std=0", *off)
-            why = f"slots_per_expert {slots}: {E} x {slots} = {k * units} slots, each a mix of the group's units; no "
-            why += "noise, no balancing loss (as its authors train it)"
+            ov = ("model.moe.router=soft", f"model.moe.slots_per_expert={soft_slots}", "model.moe.noise_std=0", *off)
+            if moe.routing == "token":
+                ov = (*ov, "model.moe.group_size=1")
+                why = f"groups of one image (as its authors), slots_per_expert {soft_slots}: {E} x {soft_slots} = "
+                why += f"{k * tokens} slots per image of {tokens} tokens"
+            else:
+                why = f"slots_per_expert {soft_slots}: {E} x {soft_slots} = {k * units} slots per group"
+            why += "; no noise, no balancing loss (as its authors train it)"
         out.append(Matching(r, ov, why))
     return out
 
@@ -185,13 +199,12 @@ def run_study_routers(args: argparse.Namespace) -> int:
     if args.timeout_s <= 0:
         raise UserError(f"--timeout-s: must be > 0, got {args.timeout_s}")
     cfg = load_config(config, list(args.overrides))  # a typo fails here, not in the first run
-    units, rows = units_per_group(cfg)
-    matchings = match_compute(cfg, routers, units)
+    tokens = tokens_per_image(cfg)
+    matchings = match_compute(cfg, routers, tokens)
     moe = cfg.model.moe
-    per_unit = f"{rows} tokens per unit" if rows > 1 else "1 token per unit"
-    print(f"study: matched compute: {moe.num_experts} experts, top_k {moe.top_k}, {units} units per routing group "
-          f"({moe.routing} routing, {per_unit}): {moe.top_k * units} expert rows per group for every router",
-          flush=True)  # fmt: skip
+    print(f"study: matched compute: {moe.num_experts} experts, top_k {moe.top_k}, {tokens} tokens per image, "
+          f"{moe.routing} routing in groups of {moe.group_size} images: {moe.top_k * tokens} expert rows per image "
+          "for every router", flush=True)  # fmt: skip
     for m in matchings:
         print(f"study:   {m.router:<12} {m.explain}")
     if not args.slurm and not args.dry_run:
