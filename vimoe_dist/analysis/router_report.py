@@ -5,8 +5,9 @@ Experts" (Liu et al., TMLR 2024) on whether its ranking held on this data:
   (ii)  in sparse MoE, Expert Choice routers generally beat Token Choice routers;
   (iii) Soft MoE beats the sparse MoEs at a fixed compute budget.
 
-Comparisons are paired by seed (runs of one seed share initialisation and data order): a gap counts as above the
-seed noise when it exceeds twice the standard error of the per-seed gaps; with one seed the sentence says so.
+Comparisons are paired by seed (runs of one seed share initialisation and data order). A ranking "held" when its
+gap is above the seed noise (twice the standard error of the per-seed gaps), "reversed" when the opposite gap is,
+and is "not shown" otherwise (or with a single seed).
 
 Read from each run directory OUT/ROUTER/seedS: `eval.json` (top-1, top-5), `config.yaml`, `deepspeed_config.json`
 (the batch per rank) and `metrics.jsonl` (loss, images/s and the MoE statistics of rank 0 at every log step:
@@ -129,25 +130,33 @@ def table_lines(summary: dict[str, dict]) -> list[str]:
     return lines
 
 
-def _paired_gap(results: list[dict], a: list[str], b: list[str]) -> tuple[float, str]:
-    """Mean top-1 of routers `a` minus that of routers `b`, paired by seed, and whether it is above the seed noise.
+def _paired_gap(results: list[dict], a: list[str], b: list[str]) -> tuple[float, float | None, int]:
+    """Mean top-1 of routers `a` minus that of routers `b`, paired by seed: (gap, 2 standard errors or None, seeds).
 
     Runs with the same seed share the backbone's initialisation and the data order (the trainer seeds both from
     run.seed), so seed-to-seed variation is largely common to every router: the comparison is made per seed, d_s =
-    mean_a(s) - mean_b(s) over the seeds every router of both sides finished, and the gap mean(d) counts as above the
-    noise when it exceeds twice its standard error stdev(d) / sqrt(n).
+    mean_a(s) - mean_b(s) over the seeds every router of both sides finished; the gap is mean(d), its noise
+    2 stdev(d) / sqrt(n).
     """
     top1 = {(r["router"], r["seed"]): r["top1"] for r in results}
     seeds = sorted(set.intersection(*({s for (r, s) in top1 if r == name} for name in (*a, *b))))
     if not seeds:
-        return math.nan, "no seed finished for every router compared"
+        return math.nan, None, 0
     d = [statistics.fmean(top1[r, s] for r in a) - statistics.fmean(top1[r, s] for r in b) for s in seeds]
-    gap = statistics.fmean(d)
-    if len(d) < 2:
-        return gap, "one common seed: no spread to judge it by"
-    two_se = 2 * statistics.stdev(d) / math.sqrt(len(d))
-    verdict = "above" if abs(gap) > two_se else "within"
-    return gap, f"{verdict} the seed noise: 2 standard errors of the per-seed gap over {len(d)} seeds = {two_se:.1f}"
+    two_se = 2 * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
+    return statistics.fmean(d), two_se, len(d)
+
+
+def _verdict(gap: float, two_se: float | None, seeds: int) -> tuple[str, str]:
+    """('held' | 'reversed' | 'not shown', why): a ranking holds only when its gap is above the seed noise."""
+    if seeds == 0:
+        return "not shown", "no seed finished for every router compared"
+    if two_se is None:
+        return "not shown", f"gap {gap:+.1f} points; one common seed, no spread to judge it by"
+    why = f"gap {gap:+.1f} points, 2 standard errors of the per-seed gap over {seeds} seeds {two_se:.1f}"
+    if abs(gap) <= two_se:
+        return "not shown", why + ": within the seed noise"
+    return ("held" if gap > 0 else "reversed"), why
 
 
 def findings(summary: dict[str, dict], results: list[dict]) -> list[str]:
@@ -160,24 +169,22 @@ def findings(summary: dict[str, dict], results: list[dict]) -> list[str]:
     tc = [r for r in TOKEN_CHOICE if r in summary]
     ec = [r for r in EXPERT_CHOICE if r in summary]
     if tc and ec:
-        gap, noise = _paired_gap(results, ec, tc)
-        held = "held" if gap > 0 else "did not hold"
+        verdict, why = _verdict(*_paired_gap(results, ec, tc))
         pairs = sum(top1[e] > top1[t] for e in ec for t in tc)
-        out.append(f"(ii) Expert Choice over Token Choice {held}: expert choice averages "
+        out.append(f"(ii) Expert Choice over Token Choice {verdict}: expert choice averages "
                    f"{statistics.fmean(top1[r] for r in ec):.1f}% top-1, token choice "
-                   f"{statistics.fmean(top1[r] for r in tc):.1f}% (gap {gap:+.1f} points, {noise}); {pairs} of "
-                   f"{len(ec) * len(tc)} expert/token pairs favour expert choice.")  # fmt: skip
+                   f"{statistics.fmean(top1[r] for r in tc):.1f}% ({why}); {pairs} of {len(ec) * len(tc)} "
+                   "expert/token pairs favour expert choice.")  # fmt: skip
     else:
         out.append("(ii) Expert Choice over Token Choice: not tested (needs a router of each kind).")
     sparse = [r for r in summary if r != "soft"]
     if "soft" in summary and sparse:
         rival = max(sparse, key=top1.get)
-        gap, noise = _paired_gap(results, ["soft"], [rival])
-        held = "held" if gap > 0 else "did not hold"
+        verdict, why = _verdict(*_paired_gap(results, ["soft"], [rival]))
         beaten = sum(top1["soft"] > top1[r] for r in sparse)
-        out.append(f"(iii) Soft MoE over sparse MoE at matched compute {held}: soft {top1['soft']:.1f}% top-1 against "
-                   f"the best sparse router {rival} at {top1[rival]:.1f}% (gap {gap:+.1f} points, {noise}); soft beats "
-                   f"{beaten} of {len(sparse)} sparse routers.")  # fmt: skip
+        out.append(f"(iii) Soft MoE over sparse MoE at matched compute {verdict}: soft {top1['soft']:.1f}% top-1 "
+                   f"against the best sparse router, {rival}, {top1[rival]:.1f}% ({why}); soft beats {beaten} of "
+                   f"{len(sparse)} sparse routers.")  # fmt: skip
     else:
         out.append("(iii) Soft MoE over sparse MoE: not tested (needs soft and a sparse router).")
     return out
