@@ -96,7 +96,9 @@ def collect(study_dir: Path) -> list[dict]:
     results, cache = [], {}
     for eval_path in sorted(study_dir.glob("*/seed*/eval.json")):
         try:
-            results.append(run_metrics(eval_path.parent, cache))
+            results.append(
+                {**run_metrics(eval_path.parent, cache), "run": str(eval_path.parent.relative_to(study_dir))}
+            )
         except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
             print(f"study: skipping {eval_path.parent}: {e}", file=sys.stderr)
     return results

@@ -3,8 +3,8 @@
 Classes come in families of visually distinct kinds of pattern (gratings, rings, blobs, checkers, wedges, bars);
 within a family the classes differ by one fine attribute (orientation, ring spacing, number of blobs, cell count,
 direction, bar width). Telling the families apart is easy for early layers; telling the members of a family apart
-needs features of that family, which is what experts in deep layers can specialise in (ViMoE, Han et al. 2024, Sec.
-4: routing in deep layers follows the semantic class). Every image also draws nuisances the classes do not depend
+needs features of that family, which is what experts in deep layers can specialise in (ViMoE, Han et al. 2024:
+routing in deep layers follows the semantic class). Every image also draws nuisances the classes do not depend
 on - a colour tint, contrast, brightness, position, phase, a little jitter of the class attribute, and pixel noise -
 so the fine distinctions stay hard at small resolution and a small model does not saturate in a few minutes, which
 leaves room for routers to differ.
