@@ -148,7 +148,7 @@ def test_local_run_is_bounded_by_its_timeout(tmp_path) -> None:
     )
     code += ".write(str(p.pid)); time.sleep(120)"
     t0 = time.monotonic()
-    assert _run_bounded([sys.executable, "-c", code], timeout_s=3) is None
+    assert _run_bounded([sys.executable, "-c", code], timeout_s=2) is None
     assert time.monotonic() - t0 < 60
     child = int(pid_file.read_text())
     time.sleep(0.5)
