@@ -19,6 +19,7 @@ without one; until then the key only has to fit in an int64). Checks across keys
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -97,8 +98,8 @@ class MoEConfig:
     # router options: each router takes the ones model/moe/registry.py lists for it; setting another is an error
     bpr: bool = True
     renormalize: bool = False
-    noise_std: float = 0.0
-    slots_per_expert: int = 1
+    noise_std: float = 0.0  # gate noise std relative to 1/E (V-MoE): N(0, (noise_std / E)^2); absolute for soft
+    slots_per_expert: int | None = None  # soft; None: round(U * capacity_factor / E) per group of U units (vmoe)
     sinkhorn_iters: int = 10
     sparse_gamma: float = 1.0
     sparse_iters: int = 50
@@ -696,7 +697,8 @@ def validate(cfg: Config) -> None:
     _choice("model.moe.routing", moe.routing, ROUTING_MODES)
     _choice("model.moe.pool", moe.pool, POOL_MODES)
     _positive("model.moe.group_size", moe.group_size)
-    _positive("model.moe.slots_per_expert", moe.slots_per_expert)
+    if moe.slots_per_expert is not None:
+        _positive("model.moe.slots_per_expert", moe.slots_per_expert)
     _positive("model.moe.sinkhorn_iters", moe.sinkhorn_iters)
     _positive("model.moe.noise_std", moe.noise_std, allow_zero=True)
     for key in ("importance_loss", "load_loss", "switch_loss", "z_loss"):
@@ -767,6 +769,17 @@ def check_router_options(moe: MoEConfig) -> None:
                 f"model.moe.{name}: router {moe.router} does not take this option (it takes {', '.join(takes)}); "
                 f"leave it at its default {getattr(defaults, name)!r} or choose a router that does"
             )
+
+
+def router_option_resets(router: str) -> tuple[str, ...]:
+    """`model.moe.KEY=default` overrides for every router option that `router` does not take: what a command that
+    switches a config's router (`vimoe study routers`) appends, so that the base config's options for another
+    router do not trip `check_router_options`."""
+    takes = ROUTER_SPECS[router].options
+    defaults = MoEConfig()
+    return tuple(
+        f"model.moe.{name}={json.dumps(getattr(defaults, name))}" for name in ALL_ROUTER_OPTIONS if name not in takes
+    )
 
 
 def check_layout(cfg: Config, world: int) -> None:

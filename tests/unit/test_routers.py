@@ -206,4 +206,65 @@ def test_build_router_bad_values_name_the_option(name: str, option: str, value: 
 
 def test_soft_warns_about_ignored_balancing_losses() -> None:
     with pytest.warns(UserWarning, match="switch_loss"):
-        build_router("soft", DIM, 4, switch_loss=0.01)
+        build_router("soft", DIM, 4, slots_per_expert=1, switch_loss=0.01)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_noise_std_perturbs_training_routing_only(name: str) -> None:
+    # every router takes noise_std (V-MoE's token and expert choice, vmoe's SoftRouter); evaluation is noise-free
+    torch.manual_seed(0)
+    opts = router_options(name, top_k=1, capacity_factor=None, slots=1, bpr=True, renorm=False)
+    noisy = build_router(name, DIM, 4, noise_std=4.0, **opts)
+    clean = build_router(name, DIM, 4, **opts)
+    clean.load_state_dict(noisy.state_dict())
+    x_GUD = torch.randn(2, 16, DIM)
+    torch.testing.assert_close(noisy.eval()(x_GUD).combine, clean.eval()(x_GUD).combine)
+    assert not torch.allclose(noisy.train()(x_GUD).combine, clean.train()(x_GUD).combine)
+
+
+@pytest.mark.parametrize(("routing", "slots"), [("image", 2), ("token", 34)])
+def test_soft_slots_from_the_config_capacity_factor(routing: str, slots: int) -> None:
+    # slots_per_expert null: round(U * cf / E) for the U units of a routing group; cf 4, E 4, groups of 2 images of
+    # 16 px at patch 4 (16 patches + 1 class token = 17 tokens): image routing U = 2 -> 2 slots per expert; token
+    # routing U = 2 * 17 = 34 -> 34 slots per expert. The model builder tells the router the tokens per image.
+    from vimoe_dist.config import load_config
+    from vimoe_dist.model import build_model, moe_layers
+
+    cfg = load_config(
+        None,
+        [
+            "model.backbone=vit_tiny_patch16_224",
+            "model.backbone_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
+            "model.img_size=16",
+            "model.num_classes=3",
+            "model.moe.router=soft",
+            "model.moe.switch_loss=0",
+            "model.moe.num_experts=4",
+            "model.moe.group_size=2",
+            "model.moe.capacity_factor=4.0",
+            f"model.moe.routing={routing}",
+        ],
+    )
+    layer = next(iter(moe_layers(build_model(cfg.model)).values()))
+    assert layer.router.slots_per_expert == slots
+
+
+def test_soft_slots_that_round_to_zero_are_a_config_error() -> None:
+    # groups of 2 images, cf 1, 4 experts: round(2 * 1 / 4) = round(0.5) = 0 slots; the error names the config key
+    from vimoe_dist.config import ConfigError, load_config
+    from vimoe_dist.model import build_model
+
+    cfg = load_config(
+        None,
+        [
+            "model.backbone=vit_tiny_patch16_224",
+            "model.backbone_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
+            "model.img_size=16",
+            "model.moe.router=soft",
+            "model.moe.num_experts=4",
+            "model.moe.group_size=2",
+            "model.moe.capacity_factor=1.0",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"^model\.moe\.capacity_factor: round\(2 units x 1.0 / 4 experts\) = 0"):
+        build_model(cfg.model)

@@ -162,12 +162,12 @@ def test_ec_sparse_balances_where_ec_softmax_drops() -> None:
     # The plan counts each unit as mass 1 and each expert as U/E = 2 with at most C = 2 non-zeros. 3 experts x 2
     # non-zeros = 6 entries for 6 units that each need mass, so every unit sits in exactly one column with mass 1:
     # the feasible plans are the partitions into pairs, all with the same l2 penalty, and the best one maximises
-    # the total score sum log(gate), i.e. the product of the gates:
-    #   e0{u0,u1} e1{u2,u4} e2{u3,u5}: 0.6*0.5 * 0.5*0.3 * 0.6*0.8 = 0.0216   <- the optimum
-    #   e0{u0,u4} e1{u1,u2} e2{u3,u5}: 0.6*0.3 * 0.4*0.5 * 0.6*0.8 = 0.01728
-    #   e0{u0,u2} e1{u1,u4} e2{u3,u5}: 0.6*0.4 * 0.4*0.3 * 0.6*0.8 = 0.013824
-    #   e0{u0,u1} e1{u2,u3} e2{u4,u5}: 0.6*0.5 * 0.5*0.2 * 0.4*0.8 = 0.0096
-    # (any partition giving e2 a unit other than u3, u5, u4 costs a factor 0.1 and is worse still).
+    # the similarity, the sum of the softmax gates (as the authors' router, sim_matrix = gates):
+    #   e0{u0,u1} e1{u2,u4} e2{u3,u5}: 0.6+0.5 + 0.5+0.3 + 0.6+0.8 = 3.3   <- the optimum
+    #   e0{u0,u4} e1{u1,u2} e2{u3,u5}: 0.6+0.3 + 0.4+0.5 + 0.6+0.8 = 3.2
+    #   e0{u0,u2} e1{u1,u4} e2{u3,u5}: 0.6+0.4 + 0.4+0.3 + 0.6+0.8 = 3.1
+    #   e0{u0,u1} e1{u2,u3} e2{u4,u5}: 0.6+0.5 + 0.5+0.2 + 0.4+0.8 = 3.0
+    # (any partition giving e2 a unit other than u3, u5, u4 trades a gate of 0.6-0.8 for 0.1 and is worse still).
     r = routed("ec-sparse", GATES_6x3.log(), top_k=1, capacity_factor=1.0)
     assert {e: sorted(units) for e, units in slots_of(r).items()} == {0: [0, 1], 1: [2, 4], 2: [3, 5]}
     assert r.dropped_units().item() == 0
@@ -177,16 +177,39 @@ def test_ec_sparse_balances_where_ec_softmax_drops() -> None:
         expected[units, e] = GATES_6x3[units, e]
     torch.testing.assert_close(r.unit_expert_weights(), expected)
 
-    _, plan_GUE = sparse_ot_semi_dual(GATES_6x3.log()[None], 2, 1.0, 50)
+    _, plan_GUE = sparse_ot_semi_dual(GATES_6x3[None], 2, 1.0, 50)
     torch.testing.assert_close(plan_GUE[0], (expected > 0).float(), atol=1e-2, rtol=0)
 
     # the enumeration above, checked exhaustively over all 90 ways to pair the units with the experts
-    def product(assign: tuple[int, ...]) -> float:
-        return math.prod(GATES_6x3[u, e].item() for u, e in enumerate(assign))
+    def total(assign: tuple[int, ...]) -> float:
+        return sum(GATES_6x3[u, e].item() for u, e in enumerate(assign))
 
     feasible = [a for a in itertools.product(range(3), repeat=6) if all(a.count(e) == 2 for e in range(3))]
     assert len(feasible) == 90
-    assert max(feasible, key=product) == (0, 0, 1, 2, 1, 2)
+    assert max(feasible, key=total) == (0, 0, 1, 2, 1, 2)
+
+
+# Three units, three experts, k=1, cf=1: C = 1, so every feasible plan is a permutation (u -> e); gates:
+#   u0 (0.09, 0.18, 0.73)   u1 (0.06, 0.82, 0.12)   u2 (0.04, 0.54, 0.42)
+# permutation (e of u0, u1, u2): sum of gates / sum of log-gates
+#   (0, 1, 2): 0.09 + 0.82 + 0.42 = 1.33 / ln(0.09 * 0.82 * 0.42) = ln 0.0310 = -3.47   <- best for log-gates
+#   (0, 2, 1): 0.09 + 0.12 + 0.54 = 0.75 / ln 0.0058 = -5.14
+#   (1, 0, 2): 0.18 + 0.06 + 0.42 = 0.66 / ln 0.0045 = -5.40
+#   (1, 2, 0): 0.18 + 0.12 + 0.04 = 0.34 / ln 0.0009 = -7.05
+#   (2, 0, 1): 0.73 + 0.06 + 0.54 = 1.33 / ln 0.0237 = -3.74
+#   (2, 1, 0): 0.73 + 0.82 + 0.04 = 1.59 / ln 0.0239 = -3.73                            <- best for the gates
+GATES_3x3 = torch.tensor([[0.09, 0.18, 0.73], [0.06, 0.82, 0.12], [0.04, 0.54, 0.42]])
+
+
+def test_ec_sparse_similarity_is_the_softmax_gate() -> None:
+    # the authors' similarity (the gates) sends u0 -> e2, u1 -> e1, u2 -> e0; log-gates would pick (0, 1, 2)
+    r = routed("ec-sparse", GATES_3x3.log(), top_k=1, capacity_factor=1.0)
+    assert slots_of(r) == {0: [2], 1: [1], 2: [0]}
+    assert r.dropped_units().item() == 0
+    _, plan_GUE = sparse_ot_semi_dual(GATES_3x3.log()[None], 1, 1.0, 50)
+    assert plan_GUE[0].argmax(-1).tolist() == [0, 1, 2]  # the solver itself, given log-gates
+    # ec-softmax on the same gates: e0 takes u0 (0.09), e1 u1 (0.82), e2 u0 (0.73); u2 is dropped
+    assert slots_of(routed("ec-softmax", GATES_3x3.log(), top_k=1, capacity_factor=1.0)) == {0: [0], 1: [1], 2: [0]}
 
 
 def test_ec_sparse_without_iterations_is_ec_softmax() -> None:
@@ -201,7 +224,7 @@ def test_soft_moe_by_hand() -> None:
     #   u0: (2^5, 2^0) = (32, 1);  u1: (1, 32);  u2: (2^3, 2^4) = (8, 16)
     # dispatch (softmax over units, per slot): e0 (32, 1, 8) / 41, e1 (1, 32, 16) / 49;
     # combine (softmax over slots, per unit): u0 (32, 1) / 33, u1 (1, 32) / 33, u2 (8, 16) / 24.
-    router = build_router("soft", 2, 2, slots_per_expert=1, z_loss=0.5)
+    router = build_router("soft", 2, 2, slots_per_expert=1, z_loss=0.5).eval()
     with torch.no_grad():
         router.phi.copy_(torch.tensor([[7.0, 0.0], [0.0, 0.5]]))
         router.scale.fill_(5 * math.log(2))
@@ -214,3 +237,37 @@ def test_soft_moe_by_hand() -> None:
     # z-loss over each unit's slot logits: mean of (ln 33)^2, (ln 33)^2, (ln 24)^2
     z = (2 * math.log(33) ** 2 + math.log(24) ** 2) / 3
     assert r.aux_loss.item() == pytest.approx(0.5 * z, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("units", "capacity_factor", "slots"),
+    # round(U * cf / E) with E = 4, Python's round (halves to even) as vmoe's compute_capacity(..., 'round'):
+    # 8 * 1.0 / 4 = 2;  8 * 1.25 / 4 = 2.5 -> 2;  8 * 1.5 / 4 = 3;  12 * 1.25 / 4 = 3.75 -> 4;  4 * 0.5 / 4 = 0.5 -> 0
+    [(8, 1.0, 2), (8, 1.25, 2), (8, 1.5, 3), (12, 1.25, 4)],
+)
+def test_soft_slots_from_capacity_factor(units: int, capacity_factor: float, slots: int) -> None:
+    router = build_router("soft", 2, 4, capacity_factor=capacity_factor, num_units=units)
+    assert router.slots_per_expert == slots and router.phi.shape == (2, 4 * slots)
+    r = router(torch.randn(units, 2))
+    assert r.capacity == slots and r.units_per_expert().tolist() == [slots] * 4
+    # an explicit slots_per_expert wins over the capacity factor
+    assert build_router("soft", 2, 4, slots_per_expert=5, capacity_factor=1.0, num_units=units).slots_per_expert == 5
+
+
+def test_soft_slots_that_round_to_zero_name_the_option() -> None:
+    with pytest.raises(ValueError, match=r"capacity_factor: round\(4 units x 0.5 / 4 experts\) = 0 slots"):
+        build_router("soft", 2, 4, capacity_factor=0.5, num_units=4)
+    with pytest.raises(ValueError, match="slots_per_expert"):
+        build_router("soft", 2, 4, capacity_factor=1.0)  # no slots and no group size to derive them from
+
+
+def test_soft_noise_only_while_training() -> None:
+    # noise_std is absolute for Soft MoE (vmoe SoftRouter.add_noise): the combine weights move while training,
+    # and evaluation is noise-free (equal to a router without noise)
+    torch.manual_seed(0)
+    noisy = build_router("soft", 4, 2, slots_per_expert=1, noise_std=1.0)
+    clean = build_router("soft", 4, 2, slots_per_expert=1)
+    clean.load_state_dict(noisy.state_dict())
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(noisy.eval()(x).combine, clean.eval()(x).combine)
+    assert not torch.allclose(noisy.train()(x).combine, clean.train()(x).combine)

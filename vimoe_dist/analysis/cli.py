@@ -1,4 +1,4 @@
-"""`vimoe analyze routing`, `vimoe prune`, `vimoe study layers|plot`: the ViMoE study tools on the command line.
+"""`vimoe analyze routing`, `vimoe prune`, `vimoe study layers|routers|plot`: the ViMoE study tools on the command line.
 
     vimoe analyze routing --checkpoint runs/digits --out runs/digits/routing
     vimoe prune --checkpoint runs/digits --keep-layers 5 --out runs/digits/pruned
@@ -6,6 +6,7 @@
     vimoe study layers --config configs/digits.yaml --L 0,1,2,4 --both --out runs/study
     vimoe study layers --config configs/vimoe_s.yaml --L 0,2,4,6,8 --slurm --gpus-per-node 8 --out runs/study
     vimoe study plot runs/study
+    vimoe study routers --config configs/router_study.yaml --seeds 3 --out runs/router_study
 
 The analysis runs the validation set through one process by default; started as several ranks (torchrun, srun),
 each rank runs its share of the data on a full single-device copy of the model and the statistics are summed.
@@ -96,6 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sl.add_argument("--wait", action="store_true", help="wait for the array to end, then plot")
     add_config_args(la)
     la.set_defaults(func=_study_layers)
+
+    from vimoe_dist.analysis.study_routers import register as register_study_routers
+
+    register_study_routers(studies, fmt)
 
     pl = studies.add_parser("plot", help="top-1 against L from the runs of a study directory (Figure 2)")
     pl.add_argument("dir", metavar="DIR", help="the --out of `vimoe study layers`")

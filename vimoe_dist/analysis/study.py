@@ -146,7 +146,13 @@ def task_script(points: list[Point], commands: list[list[str]], out: Path) -> st
     return "\n".join(lines)
 
 
-def _submit_array(args: argparse.Namespace, points: list[Point], commands: list[list[str]], out: Path) -> int:
+def submit_array(
+    args: argparse.Namespace, points: list, commands: list[list[str]], out: Path, job_name: str
+) -> tuple[int, int | None]:
+    """One Slurm job array, a task per point (anything with a `.name`; its run directory is `out / name`), rendered
+    from the shipped template and submitted with `launch.submit`; `vimoe study layers` and `vimoe study routers`
+    both go through here. With `--dry-run` it prints the task script, the batch script and the sbatch command.
+    Returns (sbatch's exit code, the job id or None when nothing was submitted)."""
     from vimoe_dist.launch.resources import load_template
     from vimoe_dist.launch.sbatch import SlurmJob, render_sbatch
     from vimoe_dist.launch.submit import sbatch_command, submit
@@ -161,7 +167,7 @@ def _submit_array(args: argparse.Namespace, points: list[Point], commands: list[
         cpus_per_task=args.cpus_per_task,
         partition=args.partition,
         time=args.time,
-        job_name="vimoe-study",
+        job_name=job_name,
         log_dir=str(slurm_dir),
         log_name="%x-%A_%a.out",  # one log per array task (%A job, %a index)
         workdir=str(Path.cwd()),
@@ -173,15 +179,20 @@ def _submit_array(args: argparse.Namespace, points: list[Point], commands: list[
         print(task_script(points, commands, out), end="")
         print(script, end="")
         print(shlex.join(sbatch_command(script_path, wait=args.wait)))
-        return 0
+        return 0, None
     slurm_dir.mkdir(parents=True, exist_ok=True)
     tasks.write_text(task_script(points, commands, out))
     result = submit(script, script_path, wait=args.wait)
-    if result.returncode != 0:
-        return result.returncode
+    return result.returncode, result.job_id if result.returncode == 0 else None
+
+
+def _submit_array(args: argparse.Namespace, points: list[Point], commands: list[list[str]], out: Path) -> int:
+    code, job_id = submit_array(args, points, commands, out, "vimoe-study")
+    if job_id is None:
+        return code
+    slurm_dir = out / "slurm"
     print(
-        f"submitted array job {result.job_id}: {len(points)} points ({', '.join(p.name for p in points)}), "
-        f"logs in {slurm_dir}"
+        f"submitted array job {job_id}: {len(points)} points ({', '.join(p.name for p in points)}), logs in {slurm_dir}"
     )
     if args.wait:
         path, _ = plot_study_dir(out)

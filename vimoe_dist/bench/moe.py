@@ -34,6 +34,7 @@ def _moe(impl: str, router: str, k: int, args: argparse.Namespace, capacity_fact
         f"model.moe.num_experts={args.experts}", f"model.moe.capacity_factor={'null' if cf is None else cf}",
         f"model.moe.group_size={args.group_size}", "model.moe.shared_expert=false",
         f"model.moe.switch_loss={0 if router == 'soft' else 0.01}", "model.moe.renormalize=true",
+        "model.moe.slots_per_expert=1",  # soft: 1 slot per expert (not derived from the capacity factor)
     ]  # fmt: skip
     # the same settings for every variant, less the options this router does not take (config refuses those)
     ignored = {f"model.moe.{o}" for o in ALL_ROUTER_OPTIONS if o not in ROUTER_SPECS[router].options}

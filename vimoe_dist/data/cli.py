@@ -8,7 +8,7 @@ import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="write WebDataset shards (digits, synthetic, from an ImageFolder tree)")
+    p = sub.add_parser("data", help="write WebDataset shards (digits, synthetic, families, from an ImageFolder tree)")
     data = p.add_subparsers(dest="data_command", metavar="WHAT", required=True)
 
     d = data.add_parser("digits", help="scikit-learn's 8x8 digits, fixed stratified 80/20 split (the demo data)")
@@ -48,6 +48,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_synthetic)
+
+    fa = data.add_parser(
+        "families",
+        help="classes in visually distinct families (gratings, rings, blobs, ...): the router study's task",
+    )
+    fa.add_argument("--out", required=True, metavar="DIR")
+    fa.add_argument("--families", type=int, default=4, help="kinds of pattern, 1-6 (default 4)")
+    fa.add_argument("--per-family", type=int, default=4, help="classes per family, 2-8 (default 4)")
+    fa.add_argument("--images", type=int, default=8000, help="train images (default 8000)")
+    fa.add_argument("--val-images", type=int, default=2000, help="val images (default 2000)")
+    fa.add_argument("--size", type=int, default=16, metavar="PX", help="image side in pixels (default 16)")
+    fa.add_argument("--noise", type=float, default=0.2, help="std of the pixel noise, in [0, 1] (default 0.2)")
+    fa.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    fa.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
+    fa.add_argument("--seed", type=int, default=0)
+    fa.set_defaults(func=_families)
 
     m = data.add_parser("manifest", help="count the samples and labels of existing shards into a manifest")
     m.add_argument("shards", nargs="+", help="shard patterns (brace patterns, globs, paths, URLs)")
@@ -104,6 +120,19 @@ def _synthetic(args: argparse.Namespace) -> int:
     manifests = write_synthetic(
         args.out, num_classes=args.classes, num_images=args.images, size=args.size, num_val=args.val_images,
         max_count=args.max_count, num_procs=args.workers, seed=args.seed,
+    )  # fmt: skip
+    _summary(manifests)
+    return 0
+
+
+def _families(args: argparse.Namespace) -> int:
+    from vimoe_dist.data.families import write_families
+
+    _check_counts(args)
+    manifests = write_families(
+        args.out, num_families=args.families, per_family=args.per_family, num_images=args.images,
+        num_val=args.val_images, size=args.size, noise=args.noise, max_count=args.max_count, num_procs=args.workers,
+        seed=args.seed,
     )  # fmt: skip
     _summary(manifests)
     return 0

@@ -32,13 +32,22 @@ log = logging.getLogger(__name__)
 class MoELayerFactory(Protocol):
     """Builds an MoE FFN in place of a block's timm `Mlp`: `build_moe`, or a reference layer for comparisons."""
 
-    def __call__(self, dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1) -> nn.Module: ...
+    def __call__(
+        self, dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1, num_tokens: int | None = None
+    ) -> nn.Module: ...
 
 
-def build_moe(dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1) -> nn.Module:
-    """An MoE FFN, drop-in for timm's `Mlp`: forward(x [B, N, D]) -> [B, N, D]; aux loss in `.aux_loss`."""
+def build_moe(
+    dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1, num_tokens: int | None = None
+) -> nn.Module:
+    """An MoE FFN, drop-in for timm's `Mlp`: forward(x [B, N, D]) -> [B, N, D]; aux loss in `.aux_loss`.
+    `num_tokens` (N, when known) sizes routers whose parameters depend on the units per group (Soft MoE's slots)."""
     options = {k: getattr(moe_cfg, k) for k in router_options(moe_cfg.router) if hasattr(moe_cfg, k)}
-    router = build_router(moe_cfg.router, dim, moe_cfg.num_experts, **options)
+    units = moe_cfg.group_size if moe_cfg.routing == "image" else num_tokens and moe_cfg.group_size * num_tokens
+    try:
+        router = build_router(moe_cfg.router, dim, moe_cfg.num_experts, num_units=units, **options)
+    except ValueError as e:  # the router's message names its option, which is a model.moe key
+        raise ConfigError(f"model.moe.{e}") from None
     return MoEFFN(
         dim,
         hidden_dim,
@@ -66,6 +75,8 @@ def upcycle(
     depth = len(vit.blocks)
     layers = parse_layers(moe_cfg.layers, depth)
     num_prefix = getattr(vit, "num_prefix_tokens", 1)
+    patches = getattr(getattr(vit, "patch_embed", None), "num_patches", None)
+    num_tokens = patches + num_prefix if patches else None
     for i in layers:
         mlp = vit.blocks[i].mlp
         if not isinstance(mlp, Mlp) or not isinstance(mlp.act, nn.GELU) or not isinstance(mlp.norm, nn.Identity):
@@ -75,7 +86,7 @@ def upcycle(
             if copy_ffn and round(moe_cfg.hidden_ratio * dim) != hidden:
                 raise ConfigError(f"model.moe.hidden_ratio: {moe_cfg.hidden_ratio} differs from the dense FFN's")
             hidden = round(moe_cfg.hidden_ratio * dim)
-        moe = moe_layer(dim, hidden, moe_cfg, num_prefix_tokens=num_prefix)
+        moe = moe_layer(dim, hidden, moe_cfg, num_prefix_tokens=num_prefix, num_tokens=num_tokens)
         if copy_ffn:
             _copy_ffn_into(moe, mlp)
         vit.blocks[i].mlp = moe

@@ -31,10 +31,15 @@ ROUTER_SPECS: dict[str, RouterSpec] = {
     "tc-sinkhorn": RouterSpec(
         "TokenChoiceSinkhorn", (*CAPACITY_OPTIONS, "bpr", "renormalize", "noise_std", "sinkhorn_iters", *LOSS_OPTIONS)
     ),
-    "ec-softmax": RouterSpec("ExpertChoice", (*CAPACITY_OPTIONS, *LOSS_OPTIONS)),
-    "ec-sinkhorn": RouterSpec("ExpertChoiceSinkhorn", (*CAPACITY_OPTIONS, "sinkhorn_iters", *LOSS_OPTIONS)),
-    "ec-sparse": RouterSpec("ExpertChoiceSparse", (*CAPACITY_OPTIONS, "sparse_gamma", "sparse_iters", *LOSS_OPTIONS)),
-    "soft": RouterSpec("SoftMoE", ("slots_per_expert", *LOSS_OPTIONS)),
+    "ec-softmax": RouterSpec("ExpertChoice", (*CAPACITY_OPTIONS, "noise_std", *LOSS_OPTIONS)),
+    "ec-sinkhorn": RouterSpec(
+        "ExpertChoiceSinkhorn", (*CAPACITY_OPTIONS, "noise_std", "sinkhorn_iters", *LOSS_OPTIONS)
+    ),
+    "ec-sparse": RouterSpec(
+        "ExpertChoiceSparse", (*CAPACITY_OPTIONS, "noise_std", "sparse_gamma", "sparse_iters", *LOSS_OPTIONS)
+    ),
+    # slots per expert: `slots_per_expert`, or round(U * capacity_factor / E) when it is null (vmoe's SoftRouter)
+    "soft": RouterSpec("SoftMoE", ("slots_per_expert", "capacity_factor", "noise_std", *LOSS_OPTIONS)),
 }
 
 ROUTER_NAMES: tuple[str, ...] = tuple(sorted(ROUTER_SPECS))

@@ -18,7 +18,9 @@ class ReferenceMoEFFN(nn.Module, metaclass=abc.ABCMeta):
     The factory signature is `build_moe`'s; `num_prefix_tokens` matters only to image routing, which these layers do
     not offer."""
 
-    def __init__(self, dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1) -> None:
+    def __init__(
+        self, dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1, num_tokens: int | None = None
+    ) -> None:
         super().__init__()
         if moe_cfg.router != "tc-softmax" or moe_cfg.routing != "token":
             raise ValueError(f"{type(self).__name__}: only token routing (model.moe.routing) with router tc-softmax")

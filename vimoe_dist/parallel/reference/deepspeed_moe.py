@@ -15,7 +15,9 @@ from vimoe_dist.parallel.reference.common import ReferenceMoEFFN
 
 
 class DeepSpeedMoEFFN(ReferenceMoEFFN):
-    def __init__(self, dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1) -> None:
+    def __init__(
+        self, dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1, num_tokens: int | None = None
+    ) -> None:
         super().__init__(dim, hidden_dim, moe_cfg, num_prefix_tokens)
         if moe_cfg.top_k not in (1, 2):
             raise ValueError(f"model.moe.top_k: DeepSpeed's gate supports 1 or 2, not {moe_cfg.top_k}")

@@ -36,7 +36,9 @@ def _ensure_process_group() -> None:
 
 
 class FairscaleMoEFFN(ReferenceMoEFFN):
-    def __init__(self, dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1) -> None:
+    def __init__(
+        self, dim: int, hidden_dim: int, moe_cfg: MoEConfig, num_prefix_tokens: int = 1, num_tokens: int | None = None
+    ) -> None:
         super().__init__(dim, hidden_dim, moe_cfg, num_prefix_tokens)
         if moe_cfg.top_k != 2:
             raise ValueError(f"model.moe.top_k: fairscale's Top2Gate routes to 2 experts, not {moe_cfg.top_k}")

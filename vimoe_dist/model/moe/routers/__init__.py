@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -26,13 +27,19 @@ def router_options(name: str) -> set[str]:
     return set(ROUTER_SPECS[name].options)
 
 
-def build_router(name: str, dim: int, num_experts: int, **options: Any) -> nn.Module:
-    """Builds router `name`; called on x [T, D] (one group) or [G, U, D] it returns a `Routing`."""
+def build_router(name: str, dim: int, num_experts: int, num_units: int | None = None, **options: Any) -> nn.Module:
+    """Builds router `name`; called on x [T, D] (one group) or [G, U, D] it returns a `Routing`.
+
+    `num_units`, the units per routing group, goes to the routers whose parameters depend on it (Soft MoE with its
+    slots derived from `capacity_factor`) and is ignored by the others.
+    """
     if name not in ROUTERS:
         raise ValueError(f"router: unknown router {name!r}; known: {', '.join(sorted(ROUTERS))}")
     unknown = sorted(set(options) - router_options(name))
     if unknown:
         raise ValueError(f"router {name}: unknown option {unknown[0]!r}")
+    if "num_units" in inspect.signature(ROUTERS[name].__init__).parameters:
+        options["num_units"] = num_units
     return ROUTERS[name](dim, num_experts, **options)
 
 

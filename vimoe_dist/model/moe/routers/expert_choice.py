@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vimoe_dist.model.moe.routers.base import SparseRouting, capacity
-from vimoe_dist.model.moe.routers.common import AuxLossWeights, LinearGate, as_groups
+from vimoe_dist.model.moe.routers.common import AuxLossWeights, LinearGate, add_gate_noise, as_groups, check_weight
 from vimoe_dist.model.moe.routers.sinkhorn import sinkhorn_log
 
 
@@ -19,10 +19,13 @@ class ExpertChoice(nn.Module):
     """Softmax Expert Choice (`ec-softmax`).
 
     Steps, per routing group:
-      1. gates = softmax over experts of x W, in fp32;
+      1. gates = softmax over experts of x W + eps, in fp32, eps ~ N(0, (noise_std / E)^2) while training and none
+         in evaluation (vmoe's `NoisyTopItemsPerExpertRouter`: the same relative noise as V-MoE's token choice);
       2. C = ceil(k U cf / E): on average each unit is processed by k * cf experts;
       3. each expert takes the C units with the highest selection score (the gate here) and weights each
          output by that unit's gate.
+    Buffers are full by construction, so the authors use no balancing loss; the configured ones still apply (the
+    importance and z-losses on the noise-free logits).
     """
 
     def __init__(
@@ -33,6 +36,7 @@ class ExpertChoice(nn.Module):
         capacity_factor: float | None = 1.0,
         eval_capacity_factor: float | None = None,
         min_capacity: int = 1,
+        noise_std: float = 0.0,
         **loss_weights: float,
     ) -> None:
         super().__init__()
@@ -43,6 +47,7 @@ class ExpertChoice(nn.Module):
         self.gate = LinearGate(dim, num_experts)
         self.num_experts, self.top_k, self.min_capacity = num_experts, top_k, min_capacity
         self.capacity_factor = capacity_factor
+        self.noise_std = check_weight("noise_std", noise_std)
         self.eval_capacity_factor = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
         self.aux = AuxLossWeights(**loss_weights)
 
@@ -55,10 +60,11 @@ class ExpertChoice(nn.Module):
         G, U, _ = x_GUD.shape
         E = self.num_experts
         logits_GUE = self.gate(x_GUD)
-        probs_GUE = logits_GUE.softmax(-1)
+        noisy_GUE = add_gate_noise(logits_GUE, self.noise_std, self.training)
+        probs_GUE = noisy_GUE.softmax(-1)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         cap = capacity(U, E, self.top_k, cf, self.min_capacity)
-        scores_GEU = self.selection_scores(logits_GUE, probs_GUE, cap).transpose(1, 2)
+        scores_GEU = self.selection_scores(noisy_GUE, probs_GUE, cap).transpose(1, 2)
         unit_GEC = scores_GEU.topk(cap, dim=-1).indices
         weight_GEC = probs_GUE.transpose(1, 2).gather(-1, unit_GEC)
         group = torch.arange(G, device=x.device)[:, None, None]

@@ -1,7 +1,7 @@
 """Sparsity-constrained optimal transport for Expert Choice routing (`ec-sparse`).
 
-The plan matches the units of a group (rows) with the experts (columns): an l2-regularised transport plan whose every
-column has at most C non-zeros ("Sparsity-Constrained Optimal Transport", Liu, Puigcerver and Blondel, ICLR 2023),
+The plan matches the units of a group (rows) with the experts (columns): a squared-l2-regularised transport plan whose
+every column has at most C non-zeros ("Sparsity-Constrained Optimal Transport", Liu, Puigcerver and Blondel, ICLR 2023),
 solved in the semi-dual, where each column's subproblem is a projection onto the simplex restricted to C non-zeros.
 
 Shape legend:
@@ -87,34 +87,40 @@ def sparse_ot_semi_dual(
 
 class ExpertChoiceSparse(ExpertChoice):
     """Sparsity-constrained Expert Choice (`ec-sparse`; "Routers in Vision MoE", Liu et al., TMLR 2024, built on
-    "Sparsity-Constrained Optimal Transport", Liu, Puigcerver and Blondel, ICLR 2023).
+    "Sparsity-Constrained Optimal Transport", Liu, Puigcerver and Blondel, ICLR 2023), as the authors' router
+    (vmoe `projects/sparsity_constrained_ot/ksparse_projection_routing.py`, the TopItemsPerExpert variant) does it.
 
     Steps, per routing group:
-      1. gates = softmax over experts of x W, in fp32; C = ceil(k U cf / E) as in `ec-softmax`;
-      2. a transport plan between units (each of mass 1/U) and experts (each 1/E) maximises the total score
-         log(gate) minus an l2 penalty of strength `sparse_gamma`, with at most C non-zeros per expert column; it is
-         solved in the semi-dual with `sparse_iters` steps of accelerated gradient (`sparse_ot_semi_dual`), which
-         yields one potential alpha_u per unit that raises the units no expert wanted;
-      3. expert e takes the units where its column of the plan is non-zero - the top entries of
-         log(gate_e) + alpha - and, when the column has fewer than C non-zeros, the next best units by the same
-         score, so every buffer is full as in every Expert Choice router;
-      4. each output is weighted by the unit's softmax gate, not by the plan: the plan is computed without gradient
-         (differentiating through the solver's iterations is not worth their cost), and it would give padded units
-         a zero weight and waste their compute. `ec-sinkhorn` uses its balanced plan the same way.
+      1. gates = softmax over experts of x W (+ the optional noise of `ec-softmax`), in fp32; C = ceil(k U cf / E);
+      2. a transport plan between units (each of mass 1) and experts (each of mass U/E) maximises <plan, gates> -
+         (sparse_gamma / 2) ||plan||^2 with at most C non-zeros per expert column: the similarity is the softmax
+         gate itself (the authors pass `sim_matrix=gates_softmax`, cost = -gates) and the regulariser the squared
+         l2 norm with gamma = 1 (the authors' value, our default). It is solved in the semi-dual with `sparse_iters`
+         steps of accelerated gradient (`sparse_ot_semi_dual`; the authors take 20 Adam steps of the same
+         objective), which yields one potential alpha_u per unit that raises the units no expert wanted;
+      3. expert e takes the units where its column of the plan is non-zero - the top entries of gate_e + alpha -
+         and, when the column has fewer than C non-zeros, the next best units by the same score, so every buffer is
+         full as in every Expert Choice router (the authors take the top-C of the plan, whose ties at zero fall
+         to arbitrary units);
+      4. each output is weighted by the unit's softmax gate, not by the plan (the authors' default,
+         `use_softmax_combine_weights=True`): the plan is computed without gradient.
 
-    The score is log(gate), i.e. the logits up to a per-unit constant, which the unit potentials absorb: the solution
-    is that of the logits, and with `sparse_iters=0` (alpha = 0) the router is exactly `ec-softmax`.
+    The similarity matters. On the gates, placing a unit with an expert it gives a small gate loses at most that
+    unit's top gate; on log-gates (an earlier version of this router) the loss grows without bound as the gate goes
+    to 0, so the plan avoids such placements at any price, and the two select different units in a large share of
+    groups (`test_routers_golden.py` has a case by hand). With `sparse_iters=0` (alpha = 0) the router is exactly
+    `ec-softmax`.
     """
 
     def __init__(self, dim: int, num_experts: int, sparse_gamma: float = 1.0, sparse_iters: int = 50, **kw) -> None:
-        if not sparse_gamma > 0:
-            raise ValueError(f"sparse_gamma: must be > 0, got {sparse_gamma!r}")
+        if not sparse_gamma > 0 or not math.isfinite(sparse_gamma):
+            raise ValueError(f"sparse_gamma: must be a finite number > 0, got {sparse_gamma!r}")
         if sparse_iters < 0:
             raise ValueError(f"sparse_iters: must be >= 0, got {sparse_iters!r}")
         super().__init__(dim, num_experts, **kw)
         self.sparse_gamma, self.sparse_iters = sparse_gamma, sparse_iters
 
     def selection_scores(self, logits_GUE: torch.Tensor, probs_GUE: torch.Tensor, capacity: int) -> torch.Tensor:
-        scores_GUE = logits_GUE.detach().float().log_softmax(-1)
-        alpha_GU, _ = sparse_ot_semi_dual(scores_GUE, capacity, self.sparse_gamma, self.sparse_iters)
-        return scores_GUE + alpha_GU[..., None]
+        gates_GUE = probs_GUE.detach().float()
+        alpha_GU, _ = sparse_ot_semi_dual(gates_GUE, capacity, self.sparse_gamma, self.sparse_iters)
+        return gates_GUE + alpha_GU[..., None]

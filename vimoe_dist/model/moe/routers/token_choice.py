@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vimoe_dist.model.moe.routers.base import SparseRouting, capacity
-from vimoe_dist.model.moe.routers.common import AuxLossWeights, LinearGate, as_groups
+from vimoe_dist.model.moe.routers.common import AuxLossWeights, LinearGate, add_gate_noise, as_groups, check_weight
 from vimoe_dist.model.moe.routers.sinkhorn import sinkhorn_log
 
 
@@ -21,11 +21,15 @@ class TokenChoiceTopK(nn.Module):
     "Routers in Vision MoE", Liu et al. 2024, registered as `tc-softmax`).
 
     Steps, per routing group:
-      1. gates = softmax(x W) in fp32 (plus Gaussian noise of `noise_std` on the logits while training);
+      1. gates = softmax(x W + eps) in fp32, eps ~ N(0, (noise_std / E)^2) while training (V-MoE's relative noise;
+         `noise_std: 1.0` is vmoe's default), none in evaluation; the noisy gates pick and weight (as in vmoe);
       2. each unit picks its k highest gates; weights are those gates, renormalised over the k when `renormalize`;
       3. choices fill expert buffers in priority order: all first choices before any second choice, and within one
          choice level units in order of their top gate when `bpr` (Batch Prioritized Routing), else in input order;
       4. a choice that finds its expert's C = ceil(k U cf / E) slots full is dropped (`capacity_factor=None`: none is).
+
+    Auxiliary losses (`losses.py`): V-MoE's importance loss on the noise-free gates and load loss on the noisy ones
+    (it needs `noise_std > 0`), the Switch/GShard loss on the routing gates, the router z-loss.
     """
 
     def __init__(
@@ -48,7 +52,8 @@ class TokenChoiceTopK(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
-        self.min_capacity, self.bpr, self.renormalize, self.noise_std = min_capacity, bpr, renormalize, noise_std
+        self.min_capacity, self.bpr, self.renormalize = min_capacity, bpr, renormalize
+        self.noise_std = check_weight("noise_std", noise_std)
         self.aux = AuxLossWeights(**loss_weights)
 
     def selection_logits(self, logits_GUE: torch.Tensor) -> torch.Tensor:
@@ -60,9 +65,7 @@ class TokenChoiceTopK(nn.Module):
         G, U, _ = x_GUD.shape
         E, K = self.num_experts, self.top_k
         logits_GUE = self.gate(x_GUD)
-        noisy_GUE = logits_GUE
-        if self.training and self.noise_std > 0:
-            noisy_GUE = logits_GUE + self.noise_std * torch.randn_like(logits_GUE)
+        noisy_GUE = add_gate_noise(logits_GUE, self.noise_std, self.training)
         probs_GUE = noisy_GUE.softmax(-1)
         choice_GUK = self.selection_logits(noisy_GUE).topk(K, dim=-1).indices
         gates_GUK = probs_GUE.gather(-1, choice_GUK)
