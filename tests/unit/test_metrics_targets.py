@@ -1,5 +1,5 @@
 """Every rank's actual host:port in RUN_DIR/prometheus_targets.json (one process here; two ranks in
-tests/multiproc/test_metrics_targets.py), `vimoe metrics targets`, and shipped ports away from the exporters'."""
+tests/multiproc/test_metrics_targets_ranks.py), `vimoe metrics targets`, and shipped ports away from the exporters'."""
 
 from __future__ import annotations
 
