@@ -771,14 +771,16 @@ def check_router_options(moe: MoEConfig) -> None:
             )
 
 
-def router_option_resets(router: str) -> tuple[str, ...]:
-    """`model.moe.KEY=default` overrides for every router option that `router` does not take: what a command that
-    switches a config's router (`vimoe study routers`) appends, so that the base config's options for another
-    router do not trip `check_router_options`."""
+def router_option_resets(router: str, moe: MoEConfig) -> tuple[str, ...]:
+    """`model.moe.KEY=default` overrides for every option of `moe` that `router` does not take and that differs from
+    its default: what a command that switches a config's router (`vimoe study routers`) appends, so that the base
+    config's options for another router do not trip `check_router_options`."""
     takes = ROUTER_SPECS[router].options
     defaults = MoEConfig()
     return tuple(
-        f"model.moe.{name}={json.dumps(getattr(defaults, name))}" for name in ALL_ROUTER_OPTIONS if name not in takes
+        f"model.moe.{name}={json.dumps(getattr(defaults, name))}"
+        for name in ALL_ROUTER_OPTIONS
+        if name not in takes and getattr(moe, name) != getattr(defaults, name)
     )
 
 

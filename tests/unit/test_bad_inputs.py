@@ -178,7 +178,7 @@ def _cases(d: Path, busy: int) -> list[tuple[str, list[str], dict, str]]:
         ("missing pretrained file", [*train, "model.pretrained=/nonexistent/vit.pt"], single, "model.pretrained"),
         ("pickle needs trust", [*train, f"model.pretrained={d}/pickled.pt"], single, "run.trust_checkpoint"),
         ("resume from nowhere", [*train, "run.resume=/nonexistent/ckpt"], single, "/nonexistent/ckpt"),
-        ("metrics port in use", [*train, f"metrics.port={busy}"], single, str(busy)),
+        ("metrics port in use", [*train, f"metrics.port={busy}", "metrics.port_search=false"], single, str(busy)),
         # the job's environment
         ("half-set launcher env", train, {"env": {"RANK": "0", "WORLD_SIZE": "2"}}, "LOCAL_RANK"),
         (

@@ -109,7 +109,8 @@ def test_failing_checks_exit_1_and_say_so(tmp_path):
             port = taken.getsockname()[1]
             proc, seconds = _run([
                 "--config", "configs/digits.yaml", f"data.train={tmp_path}/missing-{{000000..000001}}.tar",
-                "data.val=null", f"metrics.port={port}", f"run.out_dir={out_dir}", "--json", str(tmp_path / "d.json"),
+                "data.val=null", f"metrics.port={port}", "metrics.port_search=false", f"run.out_dir={out_dir}",
+                "--json", str(tmp_path / "d.json"),
             ], prefix)  # fmt: skip
     finally:
         if full_fs:

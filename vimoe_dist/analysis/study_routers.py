@@ -104,12 +104,7 @@ def parse_routers(text: str | None) -> list[str]:
     return [r for r in STUDY_ROUTERS if r in names]
 
 
-def default_config() -> str:
-    """`configs/router_study.yaml` of the source tree this package runs from (the families task)."""
-    path = Path(__file__).resolve().parents[2] / "configs" / "router_study.yaml"
-    if not path.is_file():
-        raise UserError(f"--config: no default study config at {path}; pass --config FILE")
-    return str(path)
+DEFAULT_CONFIG = "router_study"  # the shipped config of the families task (vimoe_dist/configs/router_study.yaml)
 
 
 def tokens_per_image(cfg: Config) -> int:
@@ -169,7 +164,9 @@ def match_compute(cfg: Config, routers: list[str], tokens: int) -> list[Matching
                 why = f"slots_per_expert {soft_slots}: {E} x {soft_slots} = {k * units} slots per group"
             why += "; no noise, no balancing loss (as its authors train it)"
         # the base config's options for another router (top_k for soft, ...) go back to their defaults
-        resets = tuple(o for o in router_option_resets(r) if not any(o.split("=")[0] == x.split("=")[0] for x in ov))
+        resets = tuple(
+            o for o in router_option_resets(r, moe) if not any(o.split("=")[0] == x.split("=")[0] for x in ov)
+        )
         out.append(Matching(r, (*resets, *ov), why))
     return out
 
@@ -194,7 +191,8 @@ def run_study_routers(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     if args.report_only:
         return _report(write_report(out))
-    config = str(Path(args.config or default_config()).resolve())
+    spec = args.config or DEFAULT_CONFIG
+    config = str(Path(spec).resolve()) if Path(spec).is_file() else spec  # or a shipped name, passed on as it is
     routers = parse_routers(args.routers)
     if args.seeds < 1:
         raise UserError(f"--seeds: must be >= 1, got {args.seeds}")
