@@ -55,8 +55,9 @@ def startup_line(cfg: Config, env: DistEnv, device: torch.device, backend: str, 
     p, moe, world = cfg.parallel, cfg.model.moe, env.world_size
     micro = micro_batch_size(cfg, world)
     nodes = f" on {env.num_nodes} nodes" if env.num_nodes > 1 else ""
+    ranks = f"{world} ranks" if world > 1 else "1 rank"
     return (
-        f"start: device {describe_device(device)}, backend {backend}, precision {p.precision}, {world} ranks{nodes}, "
+        f"start: device {describe_device(device)}, backend {backend}, precision {p.precision}, {ranks}{nodes}, "
         f"ep_size {p.ep_size} ({moe.num_experts // p.ep_size} of {moe.num_experts} experts per rank), "
         f"{cfg.train.global_batch_size // world} images per rank per step (micro-batch {micro}, "
         f"{micro // moe.group_size} routing groups of {moe.group_size}); {data.describe()}"
