@@ -23,6 +23,23 @@ TINY_RUN = [
 ]
 
 
+def tiny_dataset(out: Path) -> Path:
+    """A data set directory (`train.json`, `val.json` and their shards) of one class that the data checks accept:
+    for tests of commands that check the data before they start (`vimoe launch`, `vimoe config show`) and never
+    train on it. One class, so that it fits any `model.num_classes`."""
+    from vimoe_dist.data.synthetic import write_synthetic
+
+    if not (out / "train.json").is_file():
+        write_synthetic(out, num_classes=1, num_images=2, size=8, num_val=1, progress=False)
+    return out
+
+
+def data_yaml(out: Path) -> str:
+    """The `data:` section naming `tiny_dataset(out)`, for a test's config file."""
+    d = tiny_dataset(out)
+    return f"data:\n  train: {d}\n  val: {d}\n"
+
+
 def children(pid: int) -> list[int]:
     """Pids whose parent is `pid` (read from Linux /proc)."""
     out = []

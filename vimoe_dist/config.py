@@ -48,6 +48,7 @@ class RunConfig:
     seed: int = 0
     resume: str = "auto"  # auto: continue from the latest checkpoint in out_dir; never; or a checkpoint directory
     trust_checkpoint: bool = False  # allow torch.load without weights_only for files we did not write
+    device: str = "auto"  # auto: CUDA when usable (an error under a GPU allocation without it); cuda; cpu
 
 
 @dataclass
@@ -649,6 +650,7 @@ def validate(cfg: Config) -> None:
         if not isinstance(name, str) or not name.isidentifier():
             raise ConfigError(f"model.backbone_kwargs: {_show(name)} is not an argument name")
         _check_number(f"model.backbone_kwargs.{name}", value, BOUNDS.get(f"model.backbone_kwargs.{name}", _INT64))
+    _choice("run.device", cfg.run.device, ("auto", "cuda", "cpu"))
     _choice("run.resume", cfg.run.resume if cfg.run.resume in ("auto", "never") else "auto", ("auto", "never"))
     for key in ("steps", "global_batch_size", "grad_accum", "log_every"):
         _positive(f"train.{key}", getattr(t, key))

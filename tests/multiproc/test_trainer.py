@@ -1,7 +1,9 @@
 """`vimoe train` end to end on CPU ranks (torchrun, gloo): exact resume, resharding to another ep_size, ZeRO stages,
-export, and the one-line errors for bad layouts and inputs."""
+bf16 (training, evaluation, exact resume: the CUDA path runs the same code), export, and the one-line errors for bad
+layouts and inputs."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -88,6 +90,37 @@ def test_exact_resume_gives_the_same_weights(runs):
     assert any(not torch.equal(mid[k], b[k]) for k in b)
     assert losses(runs["resumed"])[20] == losses(runs["straight"])[20]
     assert (runs["straight"] / "eval.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(digits, tmp_path_factory) -> dict[str, Path]:
+    """bf16 with ZeRO 1 (the shipped ImageNet configs' setting) on 2 ranks: 6 steps straight, and 3 then 3 more."""
+    tmp = tmp_path_factory.mktemp("bf16")
+    bf16 = ["train.steps=6", "parallel.ep_size=2", "parallel.zero_stage=1", "parallel.precision=bf16"]
+    train(digits, tmp / "straight", 2, *bf16)
+    train(digits, tmp / "resumed", 2, *bf16, "train.stop_at=3")
+    train(digits, tmp / "resumed", 2, *bf16)
+    return {"straight": tmp / "straight", "resumed": tmp / "resumed"}
+
+
+def test_bf16_trains_evaluates_and_resumes_exactly(bf16_runs, digits):
+    straight, resumed = bf16_runs["straight"], bf16_runs["resumed"]
+    # DeepSpeed's bf16 optimizer ran (its fp32 master weights are saved in files of their own)
+    assert sorted((straight / "checkpoints").glob("step_00000006/bf16_zero_pp_rank_*_optim_states.pt"))
+    a, b = final_weights(straight), final_weights(resumed)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert losses(resumed)[6] == losses(straight)[6] and all(map(math.isfinite, losses(straight).values()))
+    in_training = json.loads((straight / "eval.json").read_text())  # evaluated by the trainer, in bf16
+    assert in_training["images"] == 360 and 0 <= in_training["top1"] <= 1
+    proc = subprocess.run(
+        [sys.executable, "-m", "vimoe_dist", "eval", "--config", str(straight / "config.yaml"), "--checkpoint",
+         str(straight), f"data.val={digits}/val-{{000000..000002}}.tar"],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    alone = json.loads(proc.stdout.splitlines()[-1])  # `vimoe eval`: the bf16-trained weights, in fp32
+    assert alone["images"] == 360 and alone["top1"] == pytest.approx(in_training["top1"], abs=0.03)
+    assert alone["device"] == "cpu" and len(alone["worst_classes"]) == 5
 
 
 @pytest.mark.parametrize(("nproc", "ep"), [(1, 1), (4, 4)])

@@ -244,6 +244,7 @@ def test_a_float_as_python_prints_it_is_a_number(x):
 REPO = Path(__file__).resolve().parents[2]
 SECONDS = 2.0  # the most one hostile config may take to load or be refused
 HANG_S = 15.0  # no answer from the worker in this long: a hang (generous: the machine may be loaded)
+START_S = 300.0  # the worker's imports (torch among them), before it answers anything
 CLI = ["launch", "local", "--dry-run", "--nproc", "1", "--launcher", "torchrun"]
 
 
@@ -304,11 +305,14 @@ class _Worker:
         self.proc = None
 
     def _start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        path = [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]  # tests/: support.py
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", str(self.tmp)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env,
         )  # fmt: skip
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_S)  # torch's import: not a config's time
+        assert ready and json.loads(self.proc.stdout.readline()) == {"ready": True}, "the worker did not start"
 
     def ask(self, request: dict) -> dict:
         if self.proc is None or self.proc.poll() is not None:
@@ -340,9 +344,18 @@ def _serve(tmp: str) -> None:
     import time
     import traceback
 
+    from support import tiny_dataset
+
+    import vimoe_dist.parallel.device  # noqa: F401 (torch, for the launcher's device check: imported once)
     from vimoe_dist.cli import build_parser, main
 
     build_parser()  # imports every command's module once: the 2 s are for the config, not for imports
+    # the launcher checks the data before it starts a rank: a data set to check (overridden by a hostile data.train
+    # or data.val given as an override; one in the file is replaced by this)
+    data = tiny_dataset(Path(tmp) / "data")
+    data_overrides = [f"data.train={data}", f"data.val={data}"]
+    sys.stdout.write(json.dumps({"ready": True}) + "\n")  # the imports are done: answers are timed from here
+    sys.stdout.flush()
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # an alias bomb of old fails, not the machine
     path = Path(tmp) / "hostile.yaml"
     for line in sys.stdin:
@@ -353,7 +366,7 @@ def _serve(tmp: str) -> None:
         try:
             if request["cli"]:
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-                    main([*CLI, "--config", str(path), *request["overrides"]])
+                    main([*CLI, "--config", str(path), *data_overrides, *request["overrides"]])
                 answer = {"outcome": "ok"}  # pragma: no cover - main always exits
             else:
                 load_config(path, request["overrides"])

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import data_yaml
 
 from vimoe_dist.cli import main
 from vimoe_dist.errors import UserError
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 def config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "tiny.yaml"
-    path.write_text(f"run:\n  out_dir: {tmp_path / 'run'}\ntrain:\n  steps: 5\n")
+    path.write_text(f"run:\n  out_dir: {tmp_path / 'run'}\ntrain:\n  steps: 5\n{data_yaml(tmp_path / 'data')}")
     return path
 
 

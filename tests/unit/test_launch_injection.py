@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from launch_fakes import calls, make_fake_bin, srun_env
+from support import data_yaml
 
 from vimoe_dist.cli import main
 
@@ -87,7 +88,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 def setup(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "tiny.yaml"
-    config.write_text(f"run:\n  out_dir: {tmp_path / 'run'}\ntrain:\n  steps: 5\n")
+    config.write_text(f"run:\n  out_dir: {tmp_path / 'run'}\ntrain:\n  steps: 5\n{data_yaml(tmp_path / 'data')}")
     fake_env = make_fake_bin(tmp_path / "fakes")
     return config, tmp_path / "MARK", {**os.environ, **fake_env}
 
@@ -110,7 +111,7 @@ def config_named(tmp_path: Path, payload: str) -> Path | None:
     name = payload.replace("{m}", "MARK").replace("/", "_").replace("\x00", "")
     path = tmp_path / f"c-{name}.yaml"
     try:
-        path.write_text(f"run:\n  out_dir: {tmp_path / 'run'}\n")
+        path.write_text(f"run:\n  out_dir: {tmp_path / 'run'}\n{data_yaml(tmp_path / 'data')}")
     except OSError:
         return None
     return path

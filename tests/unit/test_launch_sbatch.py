@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from launch_fakes import calls, make_fake_bin, srun_env
+from support import data_yaml
 
 from vimoe_dist.cli import main
 from vimoe_dist.errors import UserError
@@ -38,7 +39,9 @@ SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1", "SLURM_NTASK
 def config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "tiny.yaml"
-    path.write_text(f"run:\n  out_dir: {tmp_path / 'run'}\ntrain:\n  steps: 5\ndata:\n  num_workers: 6\n")
+    path.write_text(
+        f"run:\n  out_dir: {tmp_path / 'run'}\ntrain:\n  steps: 5\n{data_yaml(tmp_path / 'data')}  num_workers: 6\n"
+    )
     return path
 
 
@@ -286,7 +289,7 @@ def test_a_copy_of_the_package_outside_the_checkout_renders_and_writes_its_files
     shutil.copytree(REPO / "vimoe_dist", tmp_path / "site" / "vimoe_dist", ignore=shutil.ignore_patterns("__pycache__"))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    (elsewhere / "c.yaml").write_text("train:\n  steps: 5\n")
+    (elsewhere / "c.yaml").write_text(f"train:\n  steps: 5\n{data_yaml(tmp_path / 'data')}")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
 
     def run(*args: str) -> subprocess.CompletedProcess:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import data_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +50,7 @@ def fake_ranks(tmp_path):
     (package / "__init__.py").write_text(f"__path__.append({str(REPO / 'vimoe_dist')!r})\n")
     (package / "__main__.py").write_text(FAKE_RANK)
     config = tmp_path / "tiny.yaml"
-    config.write_text(f"run:\n  out_dir: {tmp_path / 'run'}\n")
+    config.write_text(f"run:\n  out_dir: {tmp_path / 'run'}\n{data_yaml(tmp_path / 'data')}")
     return package.parent, config
 
 

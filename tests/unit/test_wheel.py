@@ -125,7 +125,8 @@ def test_the_commands_work_outside_the_checkout(venv):
 def test_launch_slurm_prints_a_script_outside_the_checkout(venv):
     """Needs the sbatch template shipped as package data (vimoe_dist/launch/templates/, declared in pyproject)."""
     fresh, env, work = venv
-    argv = [str(fresh / "bin" / "vimoe"), "launch", "slurm", "--print", "--nodes", "1", "--gpus-per-node", "2"]
+    argv = [str(fresh / "bin" / "vimoe"), "launch", "slurm", "--print", "--nodes", "1", "--gpus-per-node", "2",
+            "--no-data-check"]  # fmt: skip
     result = sh([*argv, "--config", "digits"], work, env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("#!/bin/bash") and "--config digits" in result.stdout

@@ -118,24 +118,21 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace):
-    """Config, ranks, model and validation loader shared by analyze and prune."""
-    import torch
-
+    """Config, ranks, device and model shared by analyze and prune."""
     from vimoe_dist.analysis.loading import load_model, resolve_config
     from vimoe_dist.analysis.ranks import init_ranks
 
     cfg = resolve_config(args.config, args.checkpoint, list(args.overrides), args.data)
     if cfg.data.val is None:
         raise UserError("data.val: no validation shards; pass --data SHARDS or set data.val")
-    rank, world = init_ranks(cfg)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    rank, world, device = init_ranks(cfg)
     model = load_model(cfg, args.checkpoint).to(device)
     return cfg, rank, world, device, model
 
 
 def _analyze_routing(args: argparse.Namespace) -> int:
+    from vimoe_dist.analysis.classes import find_class_names
     from vimoe_dist.analysis.collect import run_routing
-    from vimoe_dist.analysis.loading import class_names
     from vimoe_dist.analysis.recommend import RecommendConfig
     from vimoe_dist.analysis.report import build_report, summary_lines, write_report
     from vimoe_dist.data import build_val_loader
@@ -148,9 +145,10 @@ def _analyze_routing(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     rec_cfg = RecommendConfig(args.min_specialisation, args.min_dependence, args.chance_margin)
-    meta = {"checkpoint": str(Path(args.checkpoint).resolve()), "ranks": world}
-    report = build_report(result.routing, result.top1, result.images, len(model.blocks), rec_cfg, meta)
-    paths = write_report(args.out, report, result.routing, class_names(cfg))
+    meta = {"checkpoint": str(Path(args.checkpoint).resolve()), "ranks": world, "device": str(device)}
+    names = find_class_names(cfg, args.checkpoint)
+    report = build_report(result.routing, result.top1, result.images, len(model.blocks), rec_cfg, meta, names)
+    paths = write_report(args.out, report, result.routing, names)
     for line in summary_lines(report):
         print(line)
     print(f"wrote {paths[0]}, {paths[1]}, {len(paths) - 2} heatmaps", flush=True)

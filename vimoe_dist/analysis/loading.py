@@ -54,7 +54,8 @@ def weights_file(checkpoint: str | Path) -> Path | None:
 
 
 def load_model(cfg: Config, checkpoint: str | Path) -> nn.Module:
-    """A single-device model with every expert, in eval mode, on CPU; needs no process group and no DeepSpeed."""
+    """A single-device model with every expert, in eval mode, on CPU (the caller moves it to its device); needs no
+    process group and no DeepSpeed."""
     file = weights_file(checkpoint)
     model = load_training_checkpoint(cfg, checkpoint) if file is None else load_weights_file(cfg, file)
     return model.eval()
@@ -115,16 +116,3 @@ def _untrained_model(cfg: Config) -> nn.Module:
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.pretrained = None
     return build_model(model_cfg)
-
-
-def class_names(cfg: Config) -> list[str] | None:
-    """Class names from the validation shards' manifest, when there is one."""
-    try:
-        from vimoe_dist.data.loader import resolve_split
-
-        _, _, manifest = resolve_split(cfg, "data.val", need_counts=False)
-    except (ImportError, UserError):
-        return None
-    if manifest is None or len(manifest.classes) != cfg.model.num_classes:
-        return None
-    return list(manifest.classes)

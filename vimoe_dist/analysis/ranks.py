@@ -7,16 +7,24 @@ checkpoint written at any ep_size.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vimoe_dist.config import Config
 
+if TYPE_CHECKING:
+    import torch
 
-def init_ranks(cfg: Config) -> tuple[int, int]:
-    """(rank, world size); joins the default process group when the launcher started several ranks."""
+
+def init_ranks(cfg: Config) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the default process group when the launcher started several ranks. The
+    device is `run.device` resolved for this rank (parallel/device.py): the GPU where there is one under `auto`."""
+    from vimoe_dist.parallel.device import resolve_device
     from vimoe_dist.parallel.env import resolve_env
     from vimoe_dist.parallel.init import join_process_group
 
     env = resolve_env()
+    device = resolve_device(cfg.run.device, env.local_rank, one_gpu_per_task=env.source == "slurm")
     if not env.is_distributed:
-        return 0, 1
-    join_process_group(cfg, env)
-    return env.rank, env.world_size
+        return 0, 1, device
+    join_process_group(cfg, env, device)
+    return env.rank, env.world_size, device

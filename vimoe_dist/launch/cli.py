@@ -1,6 +1,8 @@
 """`vimoe launch local|hostfile|slurm`: start the same config as N local ranks, over a DeepSpeed hostfile, or as a
 Slurm batch job. Each form prints the exact command line it runs (or the sbatch script it renders) and `--dry-run`
-stops there. The config is loaded and validated first, so a typo fails here and not on the cluster.
+stops there. First it runs the checks `vimoe train` makes before building the model (vimoe_dist/preflight.py:
+config, layout for the ranks it starts, devices where it knows them, data paths and manifests), so a mistake fails
+here and not on the cluster; `--no-data-check` leaves the data to the ranks (node-local disks).
 `vimoe launch monitoring` writes the Prometheus and Grafana files for these jobs.
 
     vimoe launch local --nproc 2 --config configs/digits.yaml train.steps=50
@@ -86,6 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the command line and do not run it")
     parser.add_argument(
+        "--no-data-check",
+        dest="data_check",
+        action="store_false",
+        help="do not check data.train/data.val here (data on the nodes' own disks); the ranks still do",
+    )
+    parser.add_argument(
         "--python",
         default=None,
         help="interpreter command for the launcher and the ranks, e.g. 'apptainer exec --nv vimoe.sif python' "
@@ -103,15 +111,23 @@ def load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
-def check_world(cfg, world: int, ranks: str) -> None:
-    """A layout that cannot work on the `world` ranks this launch starts fails here, before any rank starts
-    (`ranks` says where the number comes from)."""
+def check_world(cfg, world: int | None, ranks: str, data: bool = True, **devices) -> str:
+    """The checks `vimoe train` makes before it builds the model, for the `world` ranks this launch starts (None:
+    the launcher cannot count them), before any rank starts: a layout that cannot work names `ranks` (where the
+    number comes from). `devices` are `preflight`'s `local_ranks` or `gpus_per_node`, where this launch knows them.
+    Returns one line saying what was checked, which the launcher prints once nothing else can fail."""
     from vimoe_dist.config import ConfigError, check_layout
+    from vimoe_dist.preflight import preflight
 
-    try:
-        check_layout(cfg, world)
-    except ConfigError as e:
-        raise ConfigError(f"{e} ({ranks})") from None
+    if world is not None:
+        try:
+            check_layout(cfg, world)
+        except ConfigError as e:
+            raise ConfigError(f"{e} ({ranks})") from None
+    report = preflight(cfg, world, data=data, **devices)
+    checked = [ranks, f"run.device {cfg.run.device}" + (f" ({report.device} here)" if report.device else "")]
+    checked.append(report.data.describe() if report.data else "data not checked here (--no-data-check)")
+    return f"# checked: {'; '.join(checked)}"
 
 
 def _local(args: argparse.Namespace) -> int:
@@ -129,8 +145,9 @@ def _local(args: argparse.Namespace) -> int:
             raise UserError("--max-restarts needs --launcher torchrun (the deepspeed launcher does not restart ranks)")
         cmd = build_deepspeed_local(python, args.nproc, args.config, args.overrides, master_port=args.master_port)
         targets = partial(deepspeed_targets, backend="local")
-    check_world(cfg, args.nproc, f"--nproc {args.nproc}")  # after the builders checked that it is positive
-    return _run(cmd, args.dry_run, name=args.launcher, targets=targets)
+    # after the builders checked that --nproc is positive; the ranks run here, so their devices are checked here
+    checked = check_world(cfg, args.nproc, f"--nproc {args.nproc}", args.data_check, local_ranks=args.nproc)
+    return _run(cmd, args.dry_run, name=args.launcher, targets=targets, checked=checked)
 
 
 def _hostfile(args: argparse.Namespace) -> int:
@@ -165,10 +182,14 @@ def _hostfile(args: argparse.Namespace) -> int:
     )
     if args.no_ssh and args.node_rank >= len(hosts):
         raise UserError(f"--node-rank={args.node_rank} but {args.hostfile} lists {len(hosts)} hosts")
+    world, ranks = None, "--include/--exclude: the ranks check their layout"
     if not (args.include or args.exclude):  # with them the launcher picks the slots; the ranks check themselves
         slots = list(hosts.values())[: args.num_nodes or len(hosts)]
         world = sum(min(n, args.num_gpus or n) for n in slots)
-        check_world(cfg, world, f"{world} ranks: the slots of {args.hostfile}")
+        ranks = f"{world} ranks: the slots of {args.hostfile}"
+    here = list(hosts.values())[args.node_rank] if args.no_ssh else None  # this node's ranks, with --no-ssh
+    local = {"local_ranks": min(here, args.num_gpus or here)} if here is not None else {}
+    checked = check_world(cfg, world, ranks, args.data_check, **local)
     # --no-ssh: this node's ranks inherit the variables from the runner. Otherwise they travel in the job file only:
     # in the runner's environment, DeepSpeed would forward an NCCL_*/PYTHON*/UCX_* one through the remote shell
     runner_env = {**os.environ, **env} if args.no_ssh else dict(os.environ)
@@ -188,6 +209,7 @@ def _hostfile(args: argparse.Namespace) -> int:
         name="deepspeed",
         env=runner_env,
         targets=partial(deepspeed_targets, backend="local" if args.no_ssh else args.backend),
+        checked=checked,
     )
 
 
@@ -202,9 +224,13 @@ def _env_entry(entry: str) -> tuple[str, str]:
     return name, value or ""
 
 
-def _run(cmd: list[str], dry_run: bool, *, name: str, env: dict[str, str] | None = None, targets=None) -> int:
+def _run(
+    cmd: list[str], dry_run: bool, *, name: str, env: dict[str, str] | None = None, targets=None, checked: str = ""
+) -> int:
     from vimoe_dist.launch.supervise import run_supervised
 
+    if checked:
+        print(checked, file=sys.stderr, flush=True)
     print(shlex.join(cmd), flush=True)
     if dry_run:
         return 0

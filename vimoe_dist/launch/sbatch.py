@@ -270,6 +270,8 @@ def _exports(job: SlurmJob) -> list[str]:
     if omp is not None:
         lines.append(f"export OMP_NUM_THREADS={omp}")
     lines.append('export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"')
+    if job.gpus_per_node:  # the ranks refuse to fall back to the CPU when this job's GPUs are not usable
+        lines.append(f"export VIMOE_GPUS_PER_NODE={job.gpus_per_node}")
     for name, value in job.site_env.items():
         lines.append(f'[ -n "${{{name}+set}}" ] || {q.export_line(name, value)}')
     for entry in job.env:

@@ -155,9 +155,9 @@ def _slurm(args: argparse.Namespace) -> int:
         prometheus_sd_dir=sd_dir,
     )
     script = render_sbatch(job, load_template(args.template))
-    check_world(
-        cfg, job.nodes * job.num_tasks_per_node, f"--nodes {job.nodes} x {job.num_tasks_per_node} ranks per node"
-    )
+    world = job.nodes * job.num_tasks_per_node
+    ranks = f"--nodes {job.nodes} x {job.num_tasks_per_node} ranks per node"
+    checked = check_world(cfg, world, ranks, args.data_check, gpus_per_node=job.gpus_per_node)
     _check_cores(job, args.partition)
     if sd_dir is not None and cfg.metrics.addr in ("127.0.0.1", "localhost", "::1"):
         print(
@@ -166,15 +166,18 @@ def _slurm(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if not args.submit:
+        print(checked, file=sys.stderr, flush=True)
         print(script, end="")
         return 0
     script_path = log_dir / f"{job.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     if args.dry_run:
+        print(checked, file=sys.stderr, flush=True)
         print(script, end="")
         print(" ".join(submit.sbatch_command(script_path, wait=args.wait)), flush=True)
         return 0
     result = submit.submit(script, script_path, wait=args.wait, make_dirs=[log_dir])
     if result.job_id is not None:
+        print(checked, file=sys.stderr, flush=True)
         log = log_dir / job.log_name.replace("%x", job.job_name).replace("%j", str(result.job_id))
         print(f"submitted job {result.job_id}: script {script_path}, log {log}", flush=True)
     return result.returncode

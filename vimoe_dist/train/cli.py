@@ -14,9 +14,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(p)  # the deepspeed launcher's --local_rank=N is taken out of argv by vimoe_dist.cli.main
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint; prints one JSON line with top1, top5, loss, images")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint on data.val (on run.device: the GPU where there is one under auto); prints one "
+        "JSON line with top1, top5, loss, images and the worst classes by name",
+    )
     add_config_args(p)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="run dir, checkpoints dir or one tag dir")
+    p.add_argument(
+        "--per-class", metavar="FILE", help="also write per-class top-1 and each class's commonest confusion (CSV)"
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("export", help="write one safetensors file with every expert, loadable without DeepSpeed")
@@ -37,21 +44,38 @@ def _load(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from vimoe_dist.parallel.device import select_accelerator
+
+    cfg = _load(args)
+    select_accelerator(cfg.run.device)  # before the trainer's modules import DeepSpeed
     from vimoe_dist.train.loop import train
 
-    return train(_load(args))
+    return train(cfg)
 
 
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
+    from vimoe_dist.analysis.classes import find_class_names, per_class_rows, worst_classes, write_per_class
     from vimoe_dist.analysis.loading import load_model
     from vimoe_dist.data import build_val_loader
+    from vimoe_dist.errors import UserError
+    from vimoe_dist.parallel.device import resolve_device
     from vimoe_dist.train.evaluate import evaluate
 
     cfg = _load(args)
-    model = load_model(cfg, args.checkpoint)
-    result = evaluate(model, build_val_loader(cfg, 0, 1), torch.device("cpu"))
+    if cfg.data.val is None:
+        raise UserError("data.val: no validation data to evaluate on; set data.val=DIR")
+    device = resolve_device(cfg.run.device)
+    model = load_model(cfg, args.checkpoint).to(device)
+    num_classes = cfg.model.num_classes
+    confusion_CC = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    result = evaluate(model, build_val_loader(cfg, 0, 1), device, confusion_CC=confusion_CC)
+    names = find_class_names(cfg, args.checkpoint)
+    rows = per_class_rows(confusion_CC, names)
+    result.update(device=str(device), classes_named=names is not None, worst_classes=worst_classes(rows))
+    if args.per_class:
+        result["per_class"] = str(write_per_class(args.per_class, rows))
     print(json.dumps(result))
     sys.stdout.flush()
     return 0

@@ -18,6 +18,7 @@ def evaluate(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     should_stop: Callable[[], bool] | None = None,
+    confusion_CC: torch.Tensor | None = None,
 ) -> dict | None:
     """top-1, top-5, mean loss and image count. Every rank must call it (the MoE all-to-all is a collective in every
     forward); padding samples (`valid` False) run through the model but are not counted.
@@ -25,6 +26,9 @@ def evaluate(
     With `should_stop` (the trainer's preemption flag) the ranks agree before every batch whether any of them wants
     to stop, and leave together, returning None: a signal that arrives during a long evaluation must not spend the
     grace time that the checkpoint needs.
+
+    With `confusion_CC` (classes x classes, float64, on `device`), image counts of (true class, top-1 prediction)
+    are added to it and summed over ranks, for per-class accuracy and confusions (`vimoe eval --per-class`).
     """
     was_training = model.training
     model.eval()
@@ -47,7 +51,11 @@ def evaluate(
         sums[1] += (hit.any(-1).double() * v).sum()
         sums[2] += (F.cross_entropy(logits, labels, reduction="none").double() * v).sum()
         sums[3] += v.sum()
+        if confusion_CC is not None:
+            confusion_CC.index_put_((labels, top[:, 0]), v, accumulate=True)
     all_reduce_sum(sums)
+    if confusion_CC is not None:
+        all_reduce_sum(confusion_CC)
     model.train(was_training)
     n = max(sums[3].item(), 1.0)
     return {"top1": sums[0].item() / n, "top5": sums[1].item() / n, "loss": sums[2].item() / n, "images": int(sums[3])}

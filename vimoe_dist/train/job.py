@@ -35,14 +35,11 @@ class Job:
     monitor: RoutingMonitor
     hooks: FaultHooks
     stop: StopRequest
+    device: torch.device  # run.device resolved for this rank (parallel/device.py)
 
     @property
     def ckpt_root(self) -> Path:
         return self.run_dir / "checkpoints"
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cuda", self.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:

@@ -31,16 +31,17 @@ from __future__ import annotations
 
 import logging
 
-from vimoe_dist.config import Config, check_layout
+from vimoe_dist.config import Config
 from vimoe_dist.data import build_train_loader, build_val_loader
-from vimoe_dist.data.loader import resolve_split
 from vimoe_dist.metrics import build_metrics
 from vimoe_dist.model import build_model, moe_layers
+from vimoe_dist.parallel.device import resolve_device
 from vimoe_dist.parallel.engine import unwrap
 from vimoe_dist.parallel.env import resolve_env
 from vimoe_dist.parallel.init import init_distributed
 from vimoe_dist.parallel.parallelize import parallelize
 from vimoe_dist.parallel.peers import describe_failure, is_collective_failure
+from vimoe_dist.preflight import check_device, preflight
 from vimoe_dist.train import checkpoint
 from vimoe_dist.train.boundary import (
     StopDuringEval,
@@ -56,10 +57,11 @@ from vimoe_dist.train.monitor import RoutingMonitor
 from vimoe_dist.train.setup import (
     build_criterion,
     build_engine,
-    check_config,
     prepare_run_dir,
     seed_everything,
     setup_logging,
+    startup_line,
+    write_run_classes,
 )
 from vimoe_dist.train.signals import StopRequest
 from vimoe_dist.train.step import LossInterval, train_step
@@ -69,17 +71,20 @@ log = logging.getLogger("vimoe.train")
 
 def train(cfg: Config) -> int:
     """One rank of a training job (see the module docstring); returns the process's exit code."""
-    # --- setup: checks, the layout against the job's size, then the rendezvous (a bad layout never waits for one)
-    check_config(cfg)
+    # --- setup: the checks (config, device, layout against the job's size, data), then the rendezvous (a bad input
+    # never waits for one)
     env = resolve_env()
-    check_layout(cfg, env.world_size)
-    stop = StopRequest()
-    init_distributed(cfg, env)
     setup_logging(env.rank)
+    device = resolve_device(cfg.run.device, env.local_rank, one_gpu_per_task=env.source == "slurm")
+    ready = preflight(cfg, env.world_size, device=device)
+    stop = StopRequest()
+    init_distributed(cfg, env, device)
     run_dir = prepare_run_dir(cfg, env.rank)
-    # bad data paths and a taken metrics port fail before anything is built
+    if env.is_main:
+        log.info("%s", startup_line(cfg, env, device, check_device(cfg, device), ready.data))
+        write_run_classes(run_dir, ready.data.classes)
+    # a bad resume path and a taken metrics port fail before anything is built
     resume_from = checkpoint.find_resume(cfg, run_dir / "checkpoints")
-    resolve_split(cfg, "data.train", need_counts=False)
     val_loader = build_val_loader(cfg, env.rank, env.world_size) if cfg.data.val else None
     metrics = build_metrics(
         cfg, rank=env.rank, local_rank=env.local_rank, world_size=env.world_size, run_dir=run_dir,
@@ -87,6 +92,7 @@ def train(cfg: Config) -> int:
     )  # fmt: skip
     job = None
     try:
+        metrics.publish_targets()  # every rank's actual metrics host:port into RUN/prometheus_targets.json
         # --- build (the same initial weights on every rank), parallelize, engine
         seed_everything(cfg.run.seed)
         model = build_model(cfg.model, trust_checkpoint=cfg.run.trust_checkpoint)
@@ -101,7 +107,8 @@ def train(cfg: Config) -> int:
             metrics.load_state_dict(rank_state["metrics"])
         layers = moe_layers(unwrap(engine))
         job = Job(cfg, env, run_dir, engine, optimizer, scheduler, build_criterion(cfg), train_loader, val_loader,
-                  metrics, RoutingMonitor(cfg, layers), build_fault_hooks(run_dir, env.rank, layers), stop)  # fmt: skip
+                  metrics, RoutingMonitor(cfg, layers), build_fault_hooks(run_dir, env.rank, layers), stop,
+                  device)  # fmt: skip
 
         # --- loop: a step, its log line, then the step boundary (stop, eval, checkpoint)
         step, bad_steps, interval = start_step, 0, LossInterval(job.device)

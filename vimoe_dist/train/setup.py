@@ -1,5 +1,6 @@
-"""What the trainer does once before the loop: the checks that need no process group, the run directory, logging,
-seeds, the loss, and the DeepSpeed engine around the parallelized model."""
+"""What the trainer does once before the loop: the checks that need no process group, the run directory and what it
+records (config, class names), logging and the start-up line, seeds, the loss, and the DeepSpeed engine around the
+parallelized model."""
 
 from __future__ import annotations
 
@@ -14,23 +15,14 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from vimoe_dist.config import Config, ConfigError, save_config
+from vimoe_dist.config import Config, micro_batch_size, save_config
+from vimoe_dist.data.check import CLASSES_FILE, DataSummary, write_class_names
 from vimoe_dist.errors import UserError
+from vimoe_dist.parallel.device import describe_device
 from vimoe_dist.parallel.ds_config import build_ds_config
 from vimoe_dist.parallel.engine import initialize
+from vimoe_dist.parallel.env import DistEnv
 from vimoe_dist.train.optim import build_optimizer, build_scheduler
-
-
-def check_config(cfg: Config) -> None:
-    """Checks that need no process group, before anything starts (build_model makes the same file check later)."""
-    if cfg.data.train is None:
-        raise ConfigError("data.train: no training shards configured")
-    source = cfg.model.pretrained
-    looks_like_file = source is not None and ("/" in source or source.endswith((".pth", ".pt", ".bin", ".safetensors")))
-    if looks_like_file and not Path(source).exists():
-        raise ConfigError(f"model.pretrained: file {source!r} does not exist")
-    if cfg.parallel.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("parallel.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
 
 
 def prepare_run_dir(cfg: Config, rank: int) -> Path:
@@ -47,6 +39,29 @@ def prepare_run_dir(cfg: Config, rank: int) -> Path:
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
     return run_dir
+
+
+def write_run_classes(run_dir: Path, classes: list[str]) -> Path | None:
+    """`RUN/classes.txt` (rank 0), line i naming class i, when the data set's manifests name the classes: `vimoe
+    eval` and `vimoe analyze` name classes by it, also once the data set has moved."""
+    if not classes:
+        return None
+    write_class_names(classes, run_dir / CLASSES_FILE)
+    return run_dir / CLASSES_FILE
+
+
+def startup_line(cfg: Config, env: DistEnv, device: torch.device, backend: str, data: DataSummary) -> str:
+    """Rank 0's one line on what this job is: where it computes, how it is split over ranks, and on what data."""
+    p, moe, world = cfg.parallel, cfg.model.moe, env.world_size
+    micro = micro_batch_size(cfg, world)
+    nodes = f" on {env.num_nodes} nodes" if env.num_nodes > 1 else ""
+    ranks = f"{world} ranks" if world > 1 else "1 rank"
+    return (
+        f"start: device {describe_device(device)}, backend {backend}, precision {p.precision}, {ranks}{nodes}, "
+        f"ep_size {p.ep_size} ({moe.num_experts // p.ep_size} of {moe.num_experts} experts per rank), "
+        f"{cfg.train.global_batch_size // world} images per rank per step (micro-batch {micro}, "
+        f"{micro // moe.group_size} routing groups of {moe.group_size}); {data.describe()}"
+    )
 
 
 def setup_logging(rank: int) -> None:
