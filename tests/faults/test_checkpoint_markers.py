@@ -122,6 +122,8 @@ def test_resume_never_refuses_a_directory_with_complete_checkpoints(two_runs, tm
 
     own, _ = two_runs
     cfg = load_config("configs/digits.yaml", [f"run.out_dir={own.parent}", "run.resume=never"])
-    with pytest.raises(UserError, match=r"run.resume=never: .* already holds a run \(latest checkpoint step_00000004\)"):
+    with pytest.raises(
+        UserError, match=r"run.resume=never: .* already holds a run \(latest checkpoint step_00000004\)"
+    ):
         find_resume(cfg, own)
     assert find_resume(cfg, tmp_path / "fresh" / "checkpoints") is None  # nothing to lose: a fresh start
