@@ -19,8 +19,8 @@ Faults (tests/faults/ injects each one into real runs):
   groups included), the survivors name the missing ranks (parallel/peers.py) and exit 1; torchrun `--max-restarts` or a
   Slurm requeue restarts the job, which resumes;
 - SIGTERM / SIGUSR1 / SIGINT: checkpoint at the next step boundary (or at once, from inside an evaluation), exit 75
-  (130 after a Ctrl-C; a second Ctrl-C exits at once); before the first finite step, nothing to save: exit 128+N at
-  once, wherever the process is (train/signals.py);
+  (130 after a Ctrl-C; a second Ctrl-C exits at once); before the first finite step, nothing to save: exit 143/130 (75
+  for SIGUSR1) at once, wherever the process is (train/signals.py);
 - a non-finite loss: every rank skips the update; the log and a `nonfinite_loss` event name the step and the cause
   (the input batch, the patch embedding, or the MoE block whose router went bad: train/nonfinite.py); weights with a
   NaN are never saved; `train.max_bad_steps` in a row stop the run; a job whose every step was non-finite exits 2

@@ -7,11 +7,11 @@ EXIT_REQUEUE (75) so that the batch script requeues the job, or with 130 after a
 once (the checkpoint being written is then not counted: the previous one stays the latest, train/checkpoint.py).
 
 Before that (the rendezvous, building the model, loading weights, waiting for the first batch, or while every step
-so far had a non-finite loss) there is nothing to save, and a stop signal ends the process at once with 128+N
-(143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1), wherever it is. The main thread may then be blocked for minutes
-inside C code that never returns to the interpreter (a rendezvous, a collective, a read), where a Python handler
-would only run once it returns; so the signal also wakes a watcher thread (`signal.set_wakeup_fd`: the C-level
-handler writes the signal number to a pipe), which exits the process itself.
+so far had a non-finite loss) there is nothing to save, and a stop signal ends the process at once, wherever it is:
+143 for SIGTERM, 130 for SIGINT, EXIT_REQUEUE for SIGUSR1 (the scheduler's time limit: requeue). The main thread may
+then be blocked for minutes inside C code that never returns to the interpreter (a rendezvous, a collective, a read),
+where a Python handler would only run once it returns; so the signal also wakes a watcher thread
+(`signal.set_wakeup_fd`: the C-level handler writes the signal number to a pipe), which exits the process itself.
 
 The grace the scheduler gives (Slurm `--signal=USR1@120`, torchrun's 30 s before SIGKILL) must cover the rest of one
 step plus one checkpoint; the log says how long it took. DataLoader workers ignore these signals (data/loader.py; a
@@ -76,8 +76,9 @@ class StopRequest:
         if signum not in self._signals:
             return
         name = signal.Signals(signum).name
-        if not self.armed:
-            _exit_now(self.rank, 128 + signum, f"{name} before the first finite step: nothing to save")
+        if not self.armed:  # SIGUSR1 is the scheduler's "time is up": requeue (the sbatch template does on 75)
+            code = EXIT_REQUEUE if signum == signal.SIGUSR1 else 128 + signum
+            _exit_now(self.rank, code, f"{name} before the first finite step: nothing to save")
         if signum == signal.SIGINT:
             self._interrupts += 1
             if self._interrupts > 1:
