@@ -156,8 +156,9 @@ def _analyze_routing(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from vimoe_dist.analysis.prune_run import prune_checkpoint
+    from vimoe_dist.analysis.prune_run import check_out_dir, prune_checkpoint
 
+    check_out_dir(args.out)  # before any work: never into a training run's directory
     cfg, rank, world, device, model = _prepare(args)
     report = prune_checkpoint(cfg, model, args.keep_layers, args.mode, args.out, rank, world, device, args.checkpoint)
     if rank == 0:

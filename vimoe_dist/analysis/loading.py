@@ -81,8 +81,19 @@ def load_weights_file(cfg: Config, file: Path) -> nn.Module:
     from vimoe_dist.model import load_state_dict_file
 
     model = _untrained_model(cfg)
-    state = load_state_dict_file(file, cfg.run.trust_checkpoint)
-    fit_dense_ffns(model, read_dense_ffn_sizes(file))
+    state = load_state_dict_file(file, cfg.run.trust_checkpoint, what="--checkpoint")
+    try:
+        sizes = read_dense_ffn_sizes(file)
+    except (ValueError, TypeError, AttributeError) as e:  # metadata written by someone else
+        raise UserError(f"--checkpoint {file}: unreadable dense_ffn_hidden metadata ({str(e)[:100]})") from None
+    fit_dense_ffns(model, sizes)
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise UserError(
+                f"--checkpoint {file}: does not fit this model: {key} is {tuple(value.shape)}, "
+                f"the model's is {tuple(own[key].shape)}"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         key = (missing or unexpected)[0]

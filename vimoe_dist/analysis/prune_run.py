@@ -14,9 +14,12 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
-from vimoe_dist.config import Config, save_config
+from vimoe_dist.config import Config, to_dict
+from vimoe_dist.errors import UserError
+from vimoe_dist.train.rundir import write_run_file
 
 
 def prune_checkpoint(
@@ -67,12 +70,40 @@ def prune_checkpoint(
         "config": str(out / "config.yaml"),
     }
     if rank == 0:
-        save_pruned(model, out)
+        from safetensors import SafetensorError
+
+        check_out_dir(out)  # again: a training run may have started there meanwhile
+        try:
+            save_pruned(model, out)
+        except (OSError, SafetensorError) as e:
+            reason = getattr(e, "strerror", None) or e
+            raise UserError(f"--out {out}: cannot write model.safetensors ({reason})") from None
         new_cfg = copy.deepcopy(cfg)
         new_cfg.model.moe.layers = list(keep)
         new_cfg.model.dense_ffn_hidden = {b: model.blocks[b].mlp.fc1.out_features for b in pruned}
         new_cfg.model.pretrained = report["weights"]
         new_cfg.run.out_dir = str(out / "finetune")
-        save_config(new_cfg, out / "config.yaml")
-        (out / "prune.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_run_file(out / "config.yaml", yaml.safe_dump(to_dict(new_cfg), sort_keys=False))
+        write_run_file(out / "prune.json", json.dumps(report, indent=2) + "\n")
     return report
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """`--out` must not be a training run's directory: its `config.yaml` is what eval and analysis of that run read,
+    and prune would overwrite it. An earlier prune output (it holds `prune.json`) may be written again.
+
+    Raises:
+        UserError: `out_dir` holds `checkpoints/` or `metrics.jsonl`, or a `config.yaml` without `prune.json`, or is
+            not a directory.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out_dir}: exists and is not a directory")
+    run_files = [name for name in ("checkpoints", "metrics.jsonl") if (out / name).exists()]
+    if (out / "config.yaml").exists() and not (out / "prune.json").exists():
+        run_files.insert(0, "config.yaml")
+    if run_files:
+        raise UserError(
+            f"--out {out_dir}: is a training run's directory (it holds {' and '.join(run_files)}), which prune must "
+            f"not overwrite; choose another directory, e.g. {out / 'pruned'}"
+        )

@@ -25,6 +25,7 @@ from torch import nn
 from vimoe_dist.config import ConfigError, ModelConfig, MoEConfig, parse_layers
 from vimoe_dist.model.moe.layer import MoEFFN, MoELayer
 from vimoe_dist.model.moe.routers import build_router, router_options
+from vimoe_dist.model.safetensors_file import safetensors_problem
 
 log = logging.getLogger(__name__)
 
@@ -167,24 +168,39 @@ def build_model(
     return upcycle(vit, moe_cfg, copy_ffn=True, moe_layer=moe_layer)
 
 
-def load_state_dict_file(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
-    """Reads weights we did not write safely: safetensors, or torch.load(weights_only=True) unless trusted."""
+def load_state_dict_file(
+    path: str | Path, trust_checkpoint: bool = False, what: str = "model.pretrained"
+) -> dict[str, torch.Tensor]:
+    """Reads weights we did not write safely: safetensors, or torch.load(weights_only=True) unless trusted.
+
+    Raises:
+        ConfigError: one line starting with `what` (the key or option that named the file), naming the tensor a
+            truncated safetensors file cut off.
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        problem = safetensors_problem(path)
+        if problem:
+            raise ConfigError(f"{what}: {str(path)!r} {problem}")
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"{what}: cannot load {str(path)!r}: {first}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except Exception as e:  # a pickle with objects, a truncated file, not a checkpoint at all
         hint = "" if trust_checkpoint else " (if you trust it, pass run.trust_checkpoint=true)"
-        raise ConfigError(f"model.pretrained: cannot load {str(path)!r}: {type(e).__name__}{hint}") from None
+        raise ConfigError(f"{what}: cannot load {str(path)!r}: {type(e).__name__}{hint}") from None
     for key in ("model", "state_dict", "module", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
     if not isinstance(state, dict):
-        raise ConfigError(f"model.pretrained: {str(path)!r} holds no state dict")
+        raise ConfigError(f"{what}: {str(path)!r} holds no state dict")
     # DINOv2 teacher checkpoints prefix the backbone
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}

@@ -14,7 +14,8 @@ from vimoe_dist.parallel.engine import unwrap
 from vimoe_dist.train import checkpoint
 from vimoe_dist.train.evaluate import evaluate
 from vimoe_dist.train.job import Job
-from vimoe_dist.train.signals import EXIT_REQUEUE
+from vimoe_dist.train.rundir import write_run_file
+from vimoe_dist.train.signals import EXIT_REQUEUE, exit_code
 from vimoe_dist.train.step import LossInterval, StepOutcome
 
 log = logging.getLogger("vimoe.train")
@@ -34,9 +35,14 @@ def after_step(job: Job, step: int, outcome: StepOutcome, bad_steps: int) -> int
     t = job.cfg.train
     if outcome.skipped:
         bad_steps += 1
-        where = job.monitor.bad_router(job.env.rank, job.env.world_size)  # every rank names the same block
+        # every rank names the same cause: the input or the embedding first, else the first router that broke
+        where = job.nonfinite.source(job.env.rank, job.env.world_size)
+        layer = None
+        if not where:
+            where, layer = job.monitor.bad_router(job.env.rank, job.env.world_size), job.monitor.bad_block
+        job.first_bad = job.first_bad or where
         log.warning("step %d: non-finite loss, update skipped%s", step, f" ({where})" if where else "")
-        job.metrics.on_event("nonfinite_loss", step=step, layer=job.monitor.bad_block, detail=where or None)
+        job.metrics.on_event("nonfinite_loss", step=step, layer=layer, detail=where or None)
         if bad_steps > t.max_bad_steps:
             raise UserError(
                 f"train.max_bad_steps: {bad_steps} consecutive non-finite losses up to step {step}"
@@ -44,6 +50,8 @@ def after_step(job: Job, step: int, outcome: StepOutcome, bad_steps: int) -> int
             )
     else:
         bad_steps = 0
+        job.finite_steps += 1
+        job.stop.arm()  # there is something to save now: a stop signal checkpoints (train/signals.py)
     job.scheduler.step_update(step)
     if not outcome.skipped:
         job.monitor.accumulate()
@@ -75,13 +83,15 @@ def log_interval(job: Job, step: int, interval: LossInterval, data_wait: float) 
     interval.reset()
 
 
-def at_step_boundary(job: Job, step: int, stop: bool) -> int | None:
-    """Stop (a signal: checkpoint and exit for requeue; `train.stop_at`: checkpoint and exit 0), evaluate,
-    checkpoint, as the config asks at `step`; returns the exit code when the run ends here."""
+def at_step_boundary(job: Job, step: int, stop: int) -> int | None:
+    """Stop (`stop`, a signal number: checkpoint and exit for requeue, or 130 after a Ctrl-C; `train.stop_at`:
+    checkpoint and exit 0), evaluate, checkpoint, as the config asks at `step`; returns the exit code when the run
+    ends here."""
     t = job.cfg.train
     if stop:
-        return checkpoint_and_requeue(job, step)
+        return checkpoint_and_requeue(job, step, signum=stop)
     if t.stop_at and step == t.stop_at and step < t.steps:
+        refuse_no_finite_step(job, step)
         log.info("train.stop_at=%d reached: checkpointing and stopping; rerun the command to continue", step)
         save(job, step)
         return 0
@@ -93,19 +103,44 @@ def at_step_boundary(job: Job, step: int, stop: bool) -> int | None:
 
 
 def finish(job: Job, step: int, start_step: int) -> int:
-    """The final evaluation (`eval.json`) and checkpoint (unless a rerun of a finished run found it already there)."""
+    """The final evaluation (`eval.json`) and checkpoint (unless a rerun of a finished run found it already there).
+
+    Raises:
+        UserError: every step of this job had a non-finite loss (nothing is saved: the weights are those it started
+            from, and a checkpoint would present them as the result), or `eval.json` cannot be written.
+    """
+    if start_step < step:
+        refuse_no_finite_step(job, step)
     result = run_eval(job, step)
     if start_step < job.cfg.train.steps or checkpoint.latest_tag(job.ckpt_root) != tag_for(step):
         save(job, step)
     if job.env.is_main and result is not None:
-        (job.run_dir / "eval.json").write_text(json.dumps(result) + "\n")
+        write_run_file(job.run_dir / "eval.json", json.dumps(result) + "\n")  # the checkpoint is saved already
         log.info("final top-1 %.4f top-5 %.4f loss %.4f on %d images; run directory %s",
                  result["top1"], result["top5"], result["loss"], result["images"], job.run_dir)  # fmt: skip
     return 0
 
 
+def refuse_no_finite_step(job: Job, step: int) -> None:
+    """A job whose every step had a non-finite loss has no result: one error naming the first cause, nothing saved.
+
+    Raises:
+        UserError: when no step of this job up to `step` was finite.
+    """
+    if job.finite_steps == 0:
+        raise UserError(
+            f"no finite step: the loss was not finite in any step of this job up to step {step} "
+            f"({job.first_bad or 'see the warnings above'}); nothing saved, "
+            f"{checkpoint.latest_tag(job.ckpt_root) or 'no checkpoint'} stays the latest"
+        )
+
+
 def save(job: Job, step: int) -> None:
-    """A checkpoint of `step` (collective; train/checkpoint.py), with this rank's data position and metric totals."""
+    """A checkpoint of `step` (collective; train/checkpoint.py), with this rank's data position and metric totals;
+    none while this job has not taken a finite step (the weights are still those it started from)."""
+    if job.finite_steps == 0:
+        log.warning("step %d: not checkpointing, no step of this job had a finite loss yet", step)
+        return
     t0 = time.perf_counter()
     client = {"step": step, "ep_size": job.cfg.parallel.ep_size, "world_size": job.env.world_size}
     rank_file = {"data": job.train_loader.state_dict(), "metrics": job.metrics.state_dict(), "step": step}
@@ -130,12 +165,15 @@ def run_eval(job: Job, step: int) -> dict | None:
     return result
 
 
-def checkpoint_and_requeue(job: Job, step: int, during: str = "") -> int:
-    """A stop request (a signal here or on another rank): checkpoint `step` and exit with EXIT_REQUEUE."""
+def checkpoint_and_requeue(job: Job, step: int, during: str = "", signum: int | None = None) -> int:
+    """A stop request (a signal here or on another rank, `signum` when the ranks agreed on it): checkpoint `step` and
+    exit with EXIT_REQUEUE, or 130 after a Ctrl-C."""
     rank, stop = job.env.rank, job.stop
-    log.warning("rank %d: %s received%s, checkpointing at step %d and exiting for requeue", rank,
-                stop.signal_name or "stop request from another rank", during, step)  # fmt: skip
+    code = exit_code(signum or stop.signum)
+    log.warning("rank %d: %s received%s, checkpointing at step %d and exiting%s", rank,
+                stop.signal_name or "stop request from another rank", during, step,
+                " for requeue" if code == EXIT_REQUEUE else "")  # fmt: skip
     save(job, step)
     since = f" {stop.seconds_since():.1f} s after {stop.signal_name}" if stop.requested else ""
-    log.warning("rank %d: checkpoint of step %d done%s; exit code %d", rank, step, since, EXIT_REQUEUE)
-    return EXIT_REQUEUE
+    log.warning("rank %d: checkpoint of step %d done%s; exit code %d", rank, step, since, code)
+    return code

@@ -43,6 +43,7 @@ from vimoe_dist.parallel.peers import is_collective_failure
 log = logging.getLogger(__name__)
 
 NEARLY_FULL = 1 << 20  # bytes free below which a failed torch.save is reported as a full disk
+MAX_LATEST_BYTES = 4096  # a tag name, not a file to read into memory whatever its size
 
 
 def step_of(root: Path, tag: str) -> int:
@@ -110,18 +111,16 @@ def save(
                       rank, tag, bad, latest_tag(root))  # fmt: skip
         return False
 
-    if rank == 0 and tag_dir.is_dir():
-        # leftovers of an earlier attempt at this step (a crashed save): the files must all come from this one
-        shutil.rmtree(tag_dir, ignore_errors=True)
+    reason = _clear_tag_dir(tag_dir) if rank == 0 else ""
     collectives.barrier()
 
-    reason = ""
     try:
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        torch.save(rank_state, buf)
-        _atomic_write(tag_dir / rank_state_file(rank), buf.getvalue())
-        reason = _space_shortfall(root)
+        if not reason:
+            tag_dir.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            torch.save(rank_state, buf)
+            _atomic_write(tag_dir / rank_state_file(rank), buf.getvalue())
+            reason = _space_shortfall(root)
     except OSError as e:
         reason = f"{e.strerror or e} ({e.filename or tag_dir})"
     _agree(reason, rank, world, tag_dir, root)
@@ -190,8 +189,24 @@ def first_nonfinite(module: nn.Module) -> str | None:
     return None
 
 
+def _clear_tag_dir(tag_dir: Path) -> str:
+    """Makes room for a new save at `tag_dir`; returns why it cannot ("" when it can). Leftovers of an earlier
+    attempt at this step (a crashed save) go: the files must all come from this save. A symbolic link in the tag's
+    place (to another run's directory, say) is removed, never written through."""
+    try:
+        if tag_dir.is_symlink() or (tag_dir.exists() and not tag_dir.is_dir()):
+            log.warning("checkpoint %s is a symbolic link or not a directory: replacing it, not writing through it",
+                        tag_dir)  # fmt: skip
+            tag_dir.unlink()
+        elif tag_dir.is_dir():
+            shutil.rmtree(tag_dir)
+    except OSError as e:
+        return f"cannot clear the earlier attempt: {e.strerror or e} ({e.filename or tag_dir})"
+    return ""
+
+
 def _prune(root: Path, keep: int) -> None:
-    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+    tags = sorted(p.name for p in root.iterdir() if TAG_RE.match(p.name) and is_own_tag(root, p.name))
     complete = [t for t in tags if (root / t / COMPLETE).exists()]
     latest = latest_tag(root)
     for t in complete[:-keep]:
@@ -204,17 +219,62 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def latest_tag(root: Path) -> str | None:
-    """The newest complete tag, or None. Falls back to scanning when `latest` is missing or points at debris."""
+    """The newest complete tag of `root`, or None: the one `latest` names when that is a complete tag of this very
+    directory (one path component, not a symbolic link: never `/abs/path` or `../other_run/...`); else, with a
+    warning, the newest complete tag found by scanning (also when `latest` is missing, silently: a run that crashed
+    before its first `latest`)."""
     root = Path(root)
-    marker = root / LATEST
-    if marker.is_file():
-        tag = marker.read_text().strip()
-        if (root / tag / COMPLETE).is_file():
-            return tag
+    named, problem = _read_latest(root)
+    if named is not None and is_own_tag(root, named) and (root / named / COMPLETE).is_file():
+        return named
     if not root.is_dir():
         return None
-    complete = sorted(p.name for p in root.iterdir() if TAG_RE.match(p.name) and (p / COMPLETE).is_file())
-    return complete[-1] if complete else None
+    complete = sorted(
+        p.name for p in root.iterdir() if TAG_RE.match(p.name) and is_own_tag(root, p.name) and (p / COMPLETE).is_file()
+    )
+    found = complete[-1] if complete else None
+    if named is not None or problem:
+        problem = problem or f"names {named!r}, which is not a complete checkpoint of this directory"
+        _warn_once(root, f"{root / LATEST} {problem}; using {found or 'no checkpoint'} (the newest complete one found)")
+    return found
+
+
+def is_own_tag(root: Path, name: str) -> bool:
+    """`name` is a tag directory of `root` itself: one path component, a real directory (not a symbolic link)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or len(name) > 255:
+        return False
+    path = Path(root) / name
+    return not path.is_symlink() and path.is_dir()
+
+
+def _read_latest(root: Path) -> tuple[str | None, str]:
+    """(the tag `latest` names, or None; what is wrong with the file itself, or "")."""
+    marker = root / LATEST
+    if not marker.exists() and not marker.is_symlink():
+        return None, ""
+    if not marker.is_file():
+        return None, "is not a regular file"
+    try:
+        with open(marker, "rb") as f:
+            raw = f.read(MAX_LATEST_BYTES + 1)
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    if len(raw) > MAX_LATEST_BYTES:
+        return None, f"holds more than {MAX_LATEST_BYTES} bytes"
+    try:
+        return raw.decode("utf-8").strip(), ""
+    except UnicodeDecodeError:
+        return None, "holds bytes that are not UTF-8 text"
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(root: Path, message: str) -> None:
+    """latest_tag runs several times per save: the same finding is logged once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
@@ -241,6 +301,13 @@ def find_resume(cfg: Config, ckpt_root: Path) -> tuple[Path, str] | None:
     """(root, tag) to resume from as `run.resume` says (`auto`: this run's latest complete tag), or None."""
     mode = cfg.run.resume
     if mode == "never":
+        existing = latest_tag(ckpt_root)
+        if existing:
+            raise UserError(
+                f"run.resume=never: {str(ckpt_root.parent)!r} already holds a run (latest checkpoint {existing}), and "
+                "a run directory holds one run: choose a new run.out_dir, continue this run with run.resume=auto, or "
+                f"delete {str(ckpt_root)!r} to start over"
+            )
         return None
     if mode == "auto":
         tag = latest_tag(ckpt_root)

@@ -82,14 +82,30 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from vimoe_dist.analysis.loading import load_model
+    from vimoe_dist.errors import UserError
 
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"--out {args.out}: the directory {str(out.parent)!r} does not exist")
+    if out.is_dir():
+        raise UserError(f"--out {args.out}: is a directory; name the file to write, e.g. {out / 'model.safetensors'}")
     cfg = _load(args)
     model = load_model(cfg, args.checkpoint)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, args.out, metadata={"format": "vimoe", "backbone": cfg.model.backbone})
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # a full disk leaves no torn file under the name asked for
+    try:
+        save_file(state, str(tmp), metadata={"format": "vimoe", "backbone": cfg.model.backbone})
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"--out {args.out}: cannot write ({getattr(e, 'strerror', None) or e})") from None
     print(f"wrote {args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters")
     return 0
 

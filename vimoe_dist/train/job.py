@@ -13,6 +13,7 @@ from vimoe_dist.config import Config
 from vimoe_dist.parallel.env import DistEnv
 from vimoe_dist.train.fault_hooks import FaultHooks
 from vimoe_dist.train.monitor import RoutingMonitor
+from vimoe_dist.train.nonfinite import NonFiniteWatch
 from vimoe_dist.train.signals import StopRequest
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -36,6 +37,9 @@ class Job:
     hooks: FaultHooks
     stop: StopRequest
     device: torch.device  # run.device resolved for this rank (parallel/device.py)
+    nonfinite: NonFiniteWatch
+    finite_steps: int = 0  # steps of this job whose loss was finite (train/boundary.py: none, nothing is saved)
+    first_bad: str = ""  # where the first non-finite loss of this job came from, for the error when no step was finite
 
     @property
     def ckpt_root(self) -> Path:

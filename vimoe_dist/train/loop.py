@@ -11,16 +11,20 @@ One process is one rank; the same code serves every launcher:
     vimoe launch local|hostfile|slurm ... --config FILE [key=value ...]        # builds one of the above
 
 Rerunning a command on an existing `run.out_dir` resumes from its latest complete checkpoint (`run.resume: auto`).
+One job at a time per run directory: rank 0 locks it, and a second job exits 2 naming the first (train/rundir.py).
 
 Faults (tests/faults/ injects each one into real runs):
 - a crash in the middle of a checkpoint save leaves the previous checkpoint the one resumed (train/checkpoint.py);
 - a dead or hung rank: collectives time out after `parallel.timeout_s` (every process group, DeepSpeed's expert
   groups included), the survivors name the missing ranks (parallel/peers.py) and exit 1; torchrun `--max-restarts` or a
   Slurm requeue restarts the job, which resumes;
-- SIGTERM / SIGUSR1: checkpoint at the next step boundary (or at once, from inside an evaluation), exit 75
-  (train/signals.py);
-- a non-finite loss: every rank skips the update; the log and a `nonfinite_loss` event name the step and the MoE
-  block whose router went bad; weights with a NaN are never saved; `train.max_bad_steps` in a row stop the run;
+- SIGTERM / SIGUSR1 / SIGINT: checkpoint at the next step boundary (or at once, from inside an evaluation), exit 75
+  (130 after a Ctrl-C; a second Ctrl-C exits at once); before the first finite step, nothing to save: exit 143/130 (75
+  for SIGUSR1) at once, wherever the process is (train/signals.py);
+- a non-finite loss: every rank skips the update; the log and a `nonfinite_loss` event name the step and the cause
+  (the input batch, the patch embedding, or the MoE block whose router went bad: train/nonfinite.py); weights with a
+  NaN are never saved; `train.max_bad_steps` in a row stop the run; a job whose every step was non-finite exits 2
+  and saves nothing;
 - a full or read-only checkpoint directory: one error naming it, the last good checkpoint kept;
 - a data loader that fails on one rank (past `data.max_bad_fraction`, an unreadable shard): every rank stops at
   that step with one line, the failed rank's naming the shards (train/step.py, placeholder_batch);
@@ -54,6 +58,8 @@ from vimoe_dist.train.boundary import (
 from vimoe_dist.train.fault_hooks import build_fault_hooks
 from vimoe_dist.train.job import Job
 from vimoe_dist.train.monitor import RoutingMonitor
+from vimoe_dist.train.nonfinite import NonFiniteWatch
+from vimoe_dist.train.rundir import claim_run_dir, write_run_files
 from vimoe_dist.train.setup import (
     build_criterion,
     build_engine,
@@ -77,8 +83,9 @@ def train(cfg: Config) -> int:
     setup_logging(env.rank)
     device = resolve_device(cfg.run.device, env.local_rank, one_gpu_per_task=env.source == "slurm")
     ready = preflight(cfg, env.world_size, device=device)
-    stop = StopRequest()
+    stop = StopRequest(env.rank)  # from here on SIGTERM/SIGINT/SIGUSR1 stop the job at any point
     init_distributed(cfg, env, device)
+    claim_run_dir(cfg.run.out_dir, env.rank)  # one job per run directory: a second one exits 2 on every rank
     run_dir = prepare_run_dir(cfg, env.rank)
     if env.is_main:
         log.info("%s", startup_line(cfg, env, device, check_device(cfg, device), ready.data))
@@ -97,10 +104,11 @@ def train(cfg: Config) -> int:
         seed_everything(cfg.run.seed)
         model = build_model(cfg.model, trust_checkpoint=cfg.run.trust_checkpoint)
         model = parallelize(model, cfg.parallel.ep_size)  # from here on, MoE FFNs send tokens to other ranks' experts
-        engine, optimizer, scheduler = build_engine(model, cfg, env.world_size, run_dir if env.is_main else None)
+        engine, optimizer, scheduler = build_engine(model, cfg, env.world_size)
 
-        # --- resume: weights, optimizer, step, data position, metric totals
+        # --- resume: weights, optimizer, step, data position, metric totals; then the run's config.yaml
         start_step, rank_state = checkpoint.resume(engine, cfg, resume_from, env) if resume_from else (0, {})
+        write_run_files(cfg, run_dir, env.world_size, resume_from)
         train_loader = build_train_loader(cfg, env.rank, env.world_size, start_step=start_step,
                                           state=rank_state.get("data"))  # fmt: skip
         if rank_state.get("metrics"):
@@ -108,7 +116,7 @@ def train(cfg: Config) -> int:
         layers = moe_layers(unwrap(engine))
         job = Job(cfg, env, run_dir, engine, optimizer, scheduler, build_criterion(cfg), train_loader, val_loader,
                   metrics, RoutingMonitor(cfg, layers), build_fault_hooks(run_dir, env.rank, layers), stop,
-                  device)  # fmt: skip
+                  device, NonFiniteWatch(unwrap(engine)))  # fmt: skip
 
         # --- loop: a step, its log line, then the step boundary (stop, eval, checkpoint)
         step, bad_steps, interval = start_step, 0, LossInterval(job.device)

@@ -15,7 +15,7 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from vimoe_dist.config import Config, micro_batch_size, save_config
+from vimoe_dist.config import Config, micro_batch_size
 from vimoe_dist.data.check import CLASSES_FILE, DataSummary, write_class_names
 from vimoe_dist.errors import UserError
 from vimoe_dist.parallel.device import describe_device
@@ -26,7 +26,8 @@ from vimoe_dist.train.optim import build_optimizer, build_scheduler
 
 
 def prepare_run_dir(cfg: Config, rank: int) -> Path:
-    """Creates the run directory; both it and `checkpoints/` (often a mount of its own) must take a file."""
+    """Creates the run directory; both it and `checkpoints/` (often a mount of its own) must take a file. Its
+    `config.yaml` is written later, once the checkpoint to resume is accepted (train/rundir.py)."""
     run_dir = Path(cfg.run.out_dir)
     for where in (run_dir, run_dir / "checkpoints"):
         try:
@@ -36,8 +37,6 @@ def prepare_run_dir(cfg: Config, rank: int) -> Path:
             probe.unlink()
         except OSError as e:
             raise UserError(f"run.out_dir: cannot write to {str(where)!r} ({e.strerror or e})") from None
-    if rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
     return run_dir
 
 

@@ -18,7 +18,7 @@ from vimoe_dist.train.job import Job
 @dataclass
 class StepOutcome:
     skipped: bool  # a non-finite loss on some rank: every rank skipped the update
-    stop: bool  # a stop request (a signal) reached some rank
+    stop: int  # a stop request reached some rank: its signal number (the highest of all ranks'), else 0
     images: int  # images of the last micro-batch, per rank
     data_wait: float  # seconds spent waiting for batches
     started: float  # perf_counter at the start of the step
@@ -54,7 +54,7 @@ def train_step(job: Job, batches: Iterator[dict], step: int, interval: LossInter
     and whether some rank's data loader failed (every rank then stops with one line)."""
     cfg, started = job.cfg, time.perf_counter()
     seed_step(cfg.run.seed, step, job.env.rank)
-    data_wait, images, stop = 0.0, 0, False
+    data_wait, images, stop = 0.0, 0, 0
     for _ in range(cfg.train.grad_accum):
         t_wait = time.perf_counter()
         try:
@@ -66,7 +66,7 @@ def train_step(job: Job, batches: Iterator[dict], step: int, interval: LossInter
         target = batch.get("target", batch["label"]).to(job.device, non_blocking=True)
         images = x.shape[0]
         loss = job.criterion(job.engine(x).float(), target) + job.monitor.aux_loss()
-        bad, stop, failed_rank = agree(loss, job.stop.requested, data_error is not None, job.env.rank, job.device)
+        bad, stop, failed_rank = agree(loss, job.stop.signum or 0, data_error is not None, job.env.rank, job.device)
         if failed_rank is not None:
             if data_error is not None:
                 raise data_error
@@ -80,14 +80,14 @@ def train_step(job: Job, batches: Iterator[dict], step: int, interval: LossInter
 
 
 def agree(
-    loss: torch.Tensor, stop_requested: bool, data_failed: bool, rank: int, device: torch.device
-) -> tuple[bool, bool, int | None]:
-    """(a loss is not finite somewhere, a rank was asked to stop, the highest rank whose data failed or None): the
-    step's one collective beyond the model's own."""
-    status = torch.tensor([float(stop_requested), float(rank + 1 if data_failed else 0)], device=device)
+    loss: torch.Tensor, stop_signal: int, data_failed: bool, rank: int, device: torch.device
+) -> tuple[bool, int, int | None]:
+    """(a loss is not finite somewhere, the highest stop signal number of any rank or 0, the highest rank whose data
+    failed or None): the step's one collective beyond the model's own."""
+    status = torch.tensor([float(stop_signal), float(rank + 1 if data_failed else 0)], device=device)
     flags = all_reduce_max(torch.cat([(~torch.isfinite(loss.detach())).float().view(1), status]))
     bad, stop, failed = flags.tolist()
-    return bool(bad), bool(stop), int(failed) - 1 if failed else None
+    return bool(bad), int(stop), int(failed) - 1 if failed else None
 
 
 def placeholder_batch(cfg: Config, world: int) -> dict:
