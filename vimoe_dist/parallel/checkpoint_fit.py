@@ -7,6 +7,7 @@ The files are opened without reading their tensors' data (mmap): the checks cost
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from torch import nn
@@ -22,8 +23,9 @@ from vimoe_dist.parallel.checkpoint_layout import (
 )
 from vimoe_dist.parallel.layout import Layout
 
-# what a mismatch of a parameter usually means, by the start of its key
-HINTS = (("head.", "model.num_classes"), ("blocks.", "the depth or width (model.backbone_kwargs)"))
+# what a parameter of another shape usually means, by the start of its key
+HINTS = (("head.", "model.num_classes"), ("", "the width, model.backbone_kwargs.embed_dim"))
+BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
 def expected_files(layout: Layout) -> list[str]:
@@ -56,22 +58,27 @@ def check_fits(root: Path, tag: str, saved: Layout, here: Layout, model: nn.Modu
 
 
 def _hint(key: str) -> str:
-    return next((f" ({hint}?)" for prefix, hint in HINTS if key.startswith(prefix)), "")
+    return next(f" ({hint}?)" for prefix, hint in HINTS if key.startswith(prefix))
+
+
+def _depth(keys) -> int:
+    return 1 + max((int(m.group(1)) for k in keys if (m := BLOCK_RE.match(k))), default=-1)
 
 
 def _check_dense(tag_dir: Path, model: nn.Module, trust: bool) -> None:
     saved = load_file(tag_dir / MODEL_STATES, trust, mmap=True).get("module") or {}
     here = {k: v for k, v in model.state_dict().items() if not EXPERT_KEY_RE.match(k)}
-    where = f"checkpoint file {str(tag_dir / MODEL_STATES)!r}"
+    where = f"checkpoint file {str(tag_dir / MODEL_STATES)!r} does not fit this model"
+    if _depth(saved) != _depth(here):
+        raise UserError(f"{where}: {_depth(saved)} blocks there, {_depth(here)} here (model.backbone_kwargs.depth?)")
     for key, value in here.items():
         if key not in saved:
-            raise UserError(f"{where} does not fit this model: it has no {key}{_hint(key)}")
+            raise UserError(f"{where}: it has no {key} (model.moe.layers, shared_expert?)")
         if tuple(saved[key].shape) != tuple(value.shape):
-            raise UserError(f"{where} does not fit this model: {key} is {list(saved[key].shape)} there, "
-                            f"{list(value.shape)} here{_hint(key)}")  # fmt: skip
+            raise UserError(f"{where}: {key} is {list(saved[key].shape)} there, {list(value.shape)} here{_hint(key)}")
     extra = next((k for k in saved if k not in here), None)
     if extra is not None:
-        raise UserError(f"{where} does not fit this model: it has {extra}, which this model has not{_hint(extra)}")
+        raise UserError(f"{where}: it has {extra}, which this model has not (model.moe.layers, shared_expert?)")
 
 
 def _check_experts(tag_dir: Path, model: nn.Module, saved: Layout, trust: bool) -> None:
