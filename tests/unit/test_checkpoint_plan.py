@@ -10,6 +10,18 @@ from vimoe_dist.parallel.layout import Layout, layout_from_states
 SAVED = Layout(world_size=4, ep_size=4, zero_stage=1, precision="bf16", num_experts=(8, 8), routers=("tc-softmax",) * 2)
 
 
+def test_under_zero_0_the_number_of_ranks_may_change_and_deepspeed_still_reads_its_files():
+    zero0 = Layout(4, 2, 0, "fp32", (4, 4))
+    assert zero0.same_optimizer_files(Layout(2, 2, 0, "fp32", (4, 4)))
+    assert not SAVED.same_optimizer_files(Layout(2, 4, 1, "bf16", (8, 8)))  # ZeRO partitions are per rank
+    assert compress(rank_files(zero0, Layout(2, 2, 0, "fp32", (4, 4)), 1, False)) == [
+        "mp_rank_00_model_states.pt",
+        "layer_0_expert_{2..3}_mp_rank_00_model_states.pt",
+        "layer_1_expert_{2..3}_mp_rank_00_model_states.pt",
+        "expp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+
+
 def test_at_the_saved_layout_a_rank_reads_its_own_files():
     files = rank_files(SAVED, SAVED, 3, layout_free=False)
     assert compress(files) == [
@@ -55,6 +67,7 @@ def test_a_checkpoint_saved_before_the_layout_record_is_read_from_deepspeeds_fie
     states = {"ep_size": 2, "world_size": 4, "num_experts": [4, 4],
               "ds_config": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}}  # fmt: skip
     assert layout_from_states(states, "f") == Layout(4, 2, 2, "bf16", (4, 4))
+    assert layout_from_states({"ep_size": 1, "ds_config": {}}, "f") == Layout(1, 1, 0, "fp32", ())  # a dense model
     with pytest.raises(UserError, match="was not written by vimoe train"):
         layout_from_states({"module": {}}, "f")
     assert layout_from_states({"vimoe_layout": SAVED.record()}, "f") == SAVED

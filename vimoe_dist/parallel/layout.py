@@ -63,10 +63,12 @@ class Layout:
         return text
 
     def same_optimizer_files(self, other: Layout) -> bool:
-        """Whether DeepSpeed's own loader reads the optimizer files of `self` into a run at `other`: its files are
-        per rank, so everything that places a parameter must be unchanged."""
-        mine = (self.world_size, self.ep_size, self.zero_stage, self.precision, self.num_experts)
-        return mine == (other.world_size, other.ep_size, other.zero_stage, other.precision, other.num_experts)
+        """Whether DeepSpeed's own loader reads the optimizer files of `self` into a run at `other`: everything that
+        places a parameter must be unchanged; under ZeRO 0 the files are per expert-parallel rank (the rest is
+        replicated), so the number of ranks may change."""
+        mine = (self.ep_size, self.zero_stage, self.precision, self.num_experts)
+        same = mine == (other.ep_size, other.zero_stage, other.precision, other.num_experts)
+        return same and (self.zero_stage == 0 or self.world_size == other.world_size)
 
     def record(self) -> dict:
         """The plain-data form saved under LAYOUT_KEY."""
@@ -107,9 +109,9 @@ def layout_from_states(states: dict, path: Path) -> Layout:
             tuple(tuple(g) for g in rec["groups"]) if rec.get("groups") is not None else None,
         )  # fmt: skip
     ds = states.get("ds_config") or {}
-    num_experts = states.get("num_experts")
+    num_experts = states.get("num_experts") or []  # absent for a dense model (model.moe.layers=last-0)
     if not isinstance(num_experts, list | tuple) or "ep_size" not in states:
-        raise UserError(f"checkpoint file {str(path)!r} was not written by vimoe train (no ep_size, num_experts)")
+        raise UserError(f"checkpoint file {str(path)!r} was not written by vimoe train (no ep_size)")
     world = states.get("world_size", states.get("dp_world_size", 1))
     zero = int(ds.get("zero_optimization", {}).get("stage", 0))
     return Layout(int(world), int(states["ep_size"]), zero, precision_of(ds), tuple(int(n) for n in num_experts))

@@ -138,10 +138,11 @@ def _hyper(param_groups: list[dict]) -> list[dict]:
 
 def _read_ep_files(tag_dir: Path, layout: Layout, groups: list[list[str]], trust: bool) -> OptimizerState:
     """ZeRO 0: one torch optimizer state dict per expert-parallel rank (FP16_UnfusedOptimizer's around it under
-    bf16, with the fp32 master copies)."""
+    bf16, with the fp32 master copies); a dense model's is in the model states file."""
     out = OptimizerState(layout, [])
-    for ep_rank in range(layout.ep_size):
-        path = tag_dir / ep_optim_file(ep_rank)
+    files = [ep_optim_file(r) for r in range(layout.ep_size)] if layout.num_experts else [MODEL_STATES]
+    for ep_rank, name in enumerate(files):
+        path = tag_dir / name
         saved = _required(path, layout, trust).get("optimizer")
         if not isinstance(saved, dict):
             raise _bad(path, "holds no optimizer state")
