@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "vimoe_dist.analysis.cli",
     "vimoe_dist.bench.cli",
     "vimoe_dist.doctor.cli",
+    "vimoe_dist.parallel.cli",
 )
 
 

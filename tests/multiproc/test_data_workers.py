@@ -36,6 +36,7 @@ def make_cfg(digits, *extra):
             "train.global_batch_size=32",
             "data.num_workers=2",
             "data.shuffle_buffer=20",
+            "data.order=stream",  # the training stream's worker split (the exact order's: test_data_exact.py)
             *extra,
         ],
     )

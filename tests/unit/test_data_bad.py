@@ -83,6 +83,7 @@ def make_cfg(train, val=None, *extra):
             "data.num_workers=0",
             "data.shuffle_buffer=0",
             "data.max_bad_fraction=0.5",
+            "data.order=stream",  # the sequential reader; tests that need the exact order override it
             *extra,
         ],
     )

@@ -85,7 +85,7 @@ def test_val_loader_covers_the_split_once_with_equal_batch_counts(digits):
 
 
 def test_state_dict_counts_steps_and_resume_does_not_replay(digits):
-    cfg = make_cfg(digits, "train.grad_accum=2")
+    cfg = make_cfg(digits, "train.grad_accum=2", "data.order=stream")
     loader = build_train_loader(cfg, 0, 1)
     it = iter(loader)
     first = [next(it)["image"] for _ in range(4)]

@@ -30,6 +30,7 @@ def make_cfg(shards, *extra):
             "train.global_batch_size=8",
             "data.num_workers=0",
             "data.shuffle_buffer=10",
+            "data.order=stream",
             *extra,
         ],
     )

@@ -41,6 +41,8 @@ def resolve(cfg: Config, key: str, need_counts: bool) -> Split:
     spec = getattr(cfg.data, key.split(".")[1])
     sources = expand_sources(spec, key, cfg.data.allow_pipe)
     urls = [u for s in sources for u in s.urls]
+    if key == "data.train":
+        check_order(cfg, urls)
     known: dict[str, tuple[ShardInfo, Path]] = {}  # url -> its manifest entry and file
     used: dict[Path, Manifest] = {}
     warnings: list[str] = []
@@ -70,6 +72,21 @@ def resolve(cfg: Config, key: str, need_counts: bool) -> Split:
     split = Split(key, urls, counts, manifest, [str(f) for f in used], warnings)
     _check_labels(split, cfg)
     return split
+
+
+def check_order(cfg: Config, urls: list[str]) -> None:
+    """`data.order: exact` (the default) reads samples by random access into local, uncompressed tars; anything else
+    is one line saying what to set, before a model is built or a rank waits for another."""
+    if cfg.data.order != "exact":
+        return
+    unfit = next((u for u in urls if not is_local(u) or u.endswith((".gz", ".tgz"))), None)
+    if unfit is not None:
+        what = "local files" if not is_local(unfit) else "uncompressed tars"
+        raise UserError(
+            f"data.train: data.order=exact (the default) reads shards by random access and needs {what}, not "
+            f"{unfit!r}; set data.order=stream to stream them (a resume then continues with fresh data, not the "
+            "batches it would have had)"
+        )
 
 
 def _match_patterns(urls: list[str], known: dict, used: dict, key: str, warnings: list[str]) -> None:

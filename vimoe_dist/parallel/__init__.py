@@ -9,6 +9,12 @@
     engine.py            optimizer groups for expert parameters, `deepspeed.initialize`, `unwrap`
     ds_config.py         the DeepSpeed config, derived from ours
     checkpoint_layout.py every checkpoint file name and key pattern, and reading a checkpoint back
+    layout.py            the layout of a run and of a checkpoint (ranks, ep_size, ZeRO, precision, experts, router)
+    checkpoint_fit.py    whether a checkpoint fits this run: one line naming the file and the mismatch
+    optim_state.py       a checkpoint's optimizer state per parameter, whole, from DeepSpeed's per-rank files
+    optim_load.py        ... loaded into a run at another layout (what makes the optimizer state reshard)
+    checkpoint_plan.py   a checkpoint's tags and the files each rank reads to resume it at a layout
+    cli.py               `vimoe checkpoint info|reshard`
     collectives.py       the few collectives the trainer, evaluation and analysis use
     peers.py             which rank broke the job, after a collective failed
     reference/           DeepSpeed's and fairscale's MoE layers behind our interface, for comparisons

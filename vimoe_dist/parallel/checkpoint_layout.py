@@ -11,6 +11,9 @@ A run's `checkpoints/` directory (DeepSpeed 0.19's file names, ZeRO 0-2, no tens
         expp_rank_{R}_mp_rank_00_optim_states.pt      ZeRO 0: optimizer state of expert-parallel rank R
         [bf16_]zero_pp_rank_{D}_mp_rank_00_optim_states.pt   ZeRO 1/2: optimizer partition of data-parallel rank D
         vimoe_rank_{r:05d}.pt                         ours: rank r's data position and metric totals
+        vimoe_optim/                                  ours, optional (`vimoe checkpoint reshard`): the optimizer
+            dense.pt                                  state per parameter, whole: dense parameters, group settings
+            layer_{L}_expert_{E}.pt                   and one file per expert, like the weights
         COMPLETE                                      ours: written after every rank finished the tag
     latest                                            ours: the newest complete tag (DeepSpeed's own is never written)
 
@@ -18,8 +21,10 @@ Keys. Our expert bank stacks the experts of a layer (`experts.fc1_weight` [E, H,
 the key pattern `<layer>.deepspeed_moe.experts.deepspeed_experts.<local id>.<param>` and writes each to its own file
 under its global id (ep rank x local experts + local id), which is what lets weights load at another ep_size. The
 adapter therefore names the wrapped layer `deepspeed_moe`, and the bank's state dict is split per expert on save and
-stacked again on load (`split_per_expert`, `stack_per_expert`). Optimizer states are per rank (above) and do not
-reshard by themselves.
+stacked again on load (`split_per_expert`, `stack_per_expert`). DeepSpeed's optimizer files are per rank (above)
+and do not reshard by themselves: parallel/optim_state.py reads them back per parameter, whole, which is what lets
+the optimizer state load at another layout too. The model states file carries, under LAYOUT_KEY, the layout the
+tag was saved at (parallel/layout.py).
 """
 
 from __future__ import annotations
@@ -41,12 +46,18 @@ EXPERT_OPTIM_FILE_RE = re.compile(r"^expp_rank_(\d+)_mp_rank_00_optim_states\.pt
 ZERO_OPTIM_FILE_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+OPTIM_DIR = "vimoe_optim"  # the layout-free optimizer state (optional)
+OPTIM_DENSE = "dense.pt"
+OPTIM_EXPERT_RE = re.compile(r"^layer_(\d+)_expert_(\d+)\.pt$")
+LAYOUT_KEY = "vimoe_layout"  # client-state key of the layout a tag was saved at
 
 # --- keys: the adapter's child, the bank's per-expert prefix and the bank's parameters
 WRAPPED_LAYER = "deepspeed_moe"
 PER_EXPERT_KEY = "deepspeed_experts"
 EXPERT_PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 EXPERT_KEY_RE = re.compile(rf"^(.*)\.{WRAPPED_LAYER}\.experts\.{PER_EXPERT_KEY}\.(\d+)\.(\w+)$")
+# an expert bank's parameter as the optimizer sees it: this rank's experts stacked on dim 0
+EXPERT_PARAM_RE = re.compile(rf"^(.*)\.{WRAPPED_LAYER}\.experts\.({'|'.join(EXPERT_PARAMS)})$")
 
 
 def tag_for(step: int) -> str:
@@ -59,6 +70,21 @@ def expert_file(layer: int, expert: int) -> str:
 
 def rank_state_file(rank: int) -> str:
     return f"vimoe_rank_{rank:05d}.pt"
+
+
+def zero_optim_file(dp_rank: int, bf16: bool) -> str:
+    """DeepSpeed's ZeRO 1/2 optimizer partition of data-parallel rank `dp_rank`."""
+    return f"{'bf16_' if bf16 else ''}zero_pp_rank_{dp_rank}_mp_rank_00_optim_states.pt"
+
+
+def ep_optim_file(ep_rank: int) -> str:
+    """DeepSpeed's ZeRO 0 optimizer state of an MoE model, one file per expert-parallel rank."""
+    return f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt"
+
+
+def optim_expert_file(layer: int, expert: int) -> str:
+    """Ours, in OPTIM_DIR: the optimizer state of global expert `expert` of MoE layer `layer`."""
+    return f"layer_{layer}_expert_{expert}.pt"
 
 
 def single_device_key(key: str) -> str:

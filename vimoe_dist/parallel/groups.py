@@ -34,3 +34,10 @@ def expert_parallel_group(ep_size: int) -> dist.ProcessGroup:
 
 def has_expert_parallel_group(ep_size: int) -> bool:
     return expert_group_name(ep_size) in groups._get_expert_parallel_group_dict()
+
+
+def expert_parallel_rank(ep_size: int) -> int:
+    """This rank's position in its expert-parallel group of `ep_size` ranks (0 when there is none)."""
+    if not has_expert_parallel_group(ep_size):
+        return 0
+    return groups._get_expert_parallel_rank(expert_group_name(ep_size))

@@ -26,9 +26,11 @@ from torch import nn
 from vimoe_dist.config import Config
 from vimoe_dist.errors import UserError
 from vimoe_dist.parallel import collectives
+from vimoe_dist.parallel.checkpoint_fit import check_fits
 from vimoe_dist.parallel.checkpoint_layout import (
     COMPLETE,
     LATEST,
+    LAYOUT_KEY,
     MODEL_STATES,
     TAG_RE,
     load_file,
@@ -38,6 +40,7 @@ from vimoe_dist.parallel.checkpoint_layout import (
 )
 from vimoe_dist.parallel.engine import unwrap
 from vimoe_dist.parallel.env import DistEnv
+from vimoe_dist.parallel.layout import engine_layout, saved_layout
 from vimoe_dist.parallel.peers import is_collective_failure
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,8 @@ def save(
 
     if fault_point is not None:
         fault_point(step)
+    # the layout the tag is saved at, by parameter name: what a resume at another layout converts from
+    client_state = {**client_state, LAYOUT_KEY: engine_layout(engine, world).record()}
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     except OSError as e:
@@ -316,22 +321,41 @@ def find_resume(cfg: Config, ckpt_root: Path) -> tuple[Path, str] | None:
 
 
 def resume(engine, cfg: Config, where: tuple[Path, str], env: DistEnv) -> tuple[int, dict]:
-    """Loads weights (any ep_size: experts are stored one per file), optimizer state when the expert layout is
-    unchanged, and this rank's data position and metric totals when the world size is unchanged. Returns (step,
-    this rank's state)."""
+    """Loads weights, optimizer state and step at any layout, and this rank's data position and metric totals when
+    the world size is unchanged. Returns (step, this rank's state).
+
+    At the layout the tag was saved at, DeepSpeed's own loader reads its files. At another one (ranks, ep_size, ZeRO
+    stage or precision), DeepSpeed loads the weights (stored one expert per file) and the optimizer state (Adam's
+    moments and step counts, and the fp32 master weights) is converted per parameter (parallel/optim_state.py,
+    optim_load.py): the run continues as if it had never changed layout.
+
+    Raises:
+        UserError: one line naming the file and the mismatch (or both layouts) when the checkpoint does not fit this
+            model or layout; nothing is written.
+    """
+    from vimoe_dist.parallel.groups import expert_parallel_rank
+    from vimoe_dist.parallel.optim_load import load_optimizer_state
+    from vimoe_dist.parallel.optim_state import read_optimizer_state
+
     root, tag = where
     trust = cfg.run.trust_checkpoint
     if not trust:
         verify_loadable(root, tag)  # DeepSpeed's loader unpickles without restriction
-    client_path = root / tag / MODEL_STATES
-    saved = load_file(client_path, trust) if client_path.is_file() else {}
-    same_ep = saved.get("ep_size") == cfg.parallel.ep_size
-    if not same_ep and env.is_main:
-        log.warning("resuming %s saved at ep_size %s with ep_size %s: weights reshard, optimizer state restarts",
-                    tag, saved.get("ep_size"), cfg.parallel.ep_size)  # fmt: skip
+    saved = saved_layout(root, tag, trust)
+    here = engine_layout(engine, env.world_size)
+    check_fits(root, tag, saved, here, unwrap(engine), trust)
+    native = saved.same_optimizer_files(here)
+    if not native and env.is_main:
+        log.info("resuming %s saved at %s, here %s: converting the optimizer state", tag, saved.describe(),
+                 here.describe())  # fmt: skip
     try:
-        _, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=same_ep,
+        _, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=native,
                                            load_lr_scheduler_states=False, load_module_strict=True)  # fmt: skip
+        if not native and client is not None:
+            first = expert_parallel_rank(here.ep_size) * here.experts_per_rank
+            mine = set(range(first, first + here.experts_per_rank))
+            state = read_optimizer_state(root, tag, here.groups, trust, mine)
+            load_optimizer_state(engine, state, here, repr(str(root / tag)))
     except (RuntimeError, KeyError, FileNotFoundError) as e:
         if isinstance(e, RuntimeError) and is_collective_failure(e):
             raise  # a peer died while loading: reported as such by train()
