@@ -51,7 +51,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     model = load_model(cfg, args.checkpoint)
-    result = evaluate(model, build_val_loader(cfg, 0, 1), torch.device("cpu"))
+    result = evaluate(model, build_val_loader(cfg, 0, 1), torch.device("cpu"), progress=True)  # one process: rank 0
     print(json.dumps(result))
     sys.stdout.flush()
     return 0
