@@ -74,7 +74,7 @@ def test_the_owned_keys_cover_what_the_issue_names():
     [
         ("parallel.deepspeed=3", "parallel.deepspeed: expected a mapping"),
         ("parallel.deepspeed={zero_optimization: 2}", "parallel.deepspeed.zero_optimization: expected a mapping"),
-        ("parallel.deepspeed={tensorboard: {enabled: .inf}}", "parallel.deepspeed.tensorboard.enabled: must be a finite"),
+        ("parallel.deepspeed={tensorboard: {x: .inf}}", "parallel.deepspeed.tensorboard.x: must be a finite"),
         ("parallel.deepspeed={1: x}", "parallel.deepspeed: 1 is not a DeepSpeed config key"),
         ("parallel.deepspeed={a: [1, {2: 3}]}", "parallel.deepspeed.a[1]: 2 is not a DeepSpeed config key"),
         ("parallel.deepspeed={when: 2024-01-01}", "parallel.deepspeed.when: datetime.date(2024, 1, 1) is not a JSON"),
@@ -91,7 +91,8 @@ def test_bad_values_are_one_line(override, needle):
 
 
 def test_the_section_survives_config_yaml_and_base_overlays(tmp_path):
-    cfg = load_config(None, ["parallel.deepspeed={csv_monitor: {enabled: true, job_name: j}}", "metrics.peak_tflops=312"])
+    overrides = ["parallel.deepspeed={csv_monitor: {enabled: true, job_name: j}}", "metrics.peak_tflops=312"]
+    cfg = load_config(None, overrides)
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     (tmp_path / "over.yaml").write_text("base: config.yaml\nparallel:\n  deepspeed:\n    csv_monitor: {job_name: k}\n")
