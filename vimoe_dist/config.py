@@ -771,7 +771,7 @@ DEEPSPEED_OWNED = {
     "gradient_accumulation_steps": "train.grad_accum",
     "gradient_clipping": "train.grad_clip",
     "zero_optimization.stage": "parallel.zero_stage",
-    "zero_optimization.compute_grad_norm": "grad_norm is reported in every record",
+    "zero_optimization.compute_grad_norm": "its grad_norm, reported in every log record",
     "fp16": "parallel.precision",
     "bf16": "parallel.precision",
     "amp": "parallel.precision",
@@ -779,9 +779,9 @@ DEEPSPEED_OWNED = {
     "data_types": "parallel.precision",
     "optimizer": "train.lr, train.weight_decay, train.betas (AdamW with layer decay)",
     "scheduler": "train.warmup_steps, train.min_lr (cosine)",
-    "zero_allow_untested_optimizer": "the trainer's own optimizer needs it",
+    "zero_allow_untested_optimizer": "its own optimizer, which needs it",
     "elasticity": "train.global_batch_size",
-    "checkpoint": "run.resume and the trainer's checkpoint layout",
+    "checkpoint": "run.resume and its own checkpoint layout",
 }
 DEEPSPEED_SECTIONS = ("parallel.deepspeed.zero_optimization",)  # written by the trainer too: merged key by key
 

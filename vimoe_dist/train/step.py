@@ -33,9 +33,8 @@ class LossInterval:
     loss_sum: torch.Tensor = field(init=False)
     count: int = 0
     images: int = 0
-    started: float = 0.0
     steps: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of those steps, data waits included
 
     def __post_init__(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
@@ -48,10 +47,10 @@ class LossInterval:
 
     def reset(self) -> None:
         self.loss_sum.zero_()
-        self.count, self.images, self.started = 0, 0, time.perf_counter()
-        self.steps, self.seconds = 0, 0.0
+        self.count, self.images, self.steps, self.seconds = 0, 0, 0, 0.0
 
     def add_step(self, started: float) -> None:
+        """A step (applied or skipped) that began at `started` (perf_counter) ends now."""
         self.steps += 1
         self.seconds += time.perf_counter() - started
 
