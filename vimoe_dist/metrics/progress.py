@@ -83,7 +83,8 @@ class Progress:
         if bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
+            # leave=None: kept when it is the only bar, cleared when nested (an evaluation under the training bar)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True, leave=None)
         else:
             count = f", {total} {_plural(unit, total)}" if total is not None else ""
             self._print(f"{desc}: starting{count}")
