@@ -1,7 +1,7 @@
 """`grad_norm` in every precision and ZeRO stage (train/grad_norm.py), through the trainer's engine on CPU ranks
-(torchrun, gloo): in fp32 ZeRO-0, where DeepSpeed keeps no norm, ours is the norm before clipping and equals what
-DeepSpeed's own ZeRO-1 optimizer reports for the same step; bf16 takes DeepSpeed's; and ours is the norm of the whole
-model's gradient, the same on 1 rank as on 2 expert-parallel ranks."""
+(torchrun, gloo): in ZeRO-0, where DeepSpeed keeps no norm (fp32) or one without the experts (bf16), ours is the
+norm before clipping and equals what DeepSpeed's own ZeRO-1 and ZeRO-2 optimizers report for the same step; and
+ours is the norm of the whole model's gradient, the same on 1 rank as on 2 expert-parallel ranks."""
 
 import json
 import os
@@ -28,13 +28,17 @@ def run(tmp_path: Path, nproc: int, ep: int, *combos: str) -> dict:
 
 
 def test_grad_norm_in_every_precision_and_stage_and_layout(tmp_path):
-    one = run(tmp_path, 1, 1, "fp32:0", "fp32:1", "bf16:0", "bf16:1")
-    assert one["fp32:0"]["own"] and not one["fp32:1"]["own"] and not one["bf16:0"]["own"]
+    one = run(tmp_path, 1, 1, "fp32:0", "fp32:1", "fp32:2", "bf16:0", "bf16:1")
+    assert one["fp32:0"]["own"] and one["bf16:0"]["own"]
+    assert not any(one[c]["own"] for c in ("fp32:1", "fp32:2", "bf16:1"))
     for combo, result in one.items():
         assert result["norm"] is not None and result["norm"] > 100 * CLIP, (combo, result)  # before clipping
     # on one rank DeepSpeed's ZeRO-1 norm is exact: ours, for the same step, is the same number
     assert one["fp32:0"]["norm"] == pytest.approx(one["fp32:1"]["norm"], rel=1e-5)
-    assert one["bf16:0"]["norm"] == pytest.approx(one["fp32:0"]["norm"], rel=0.05)  # bf16 rounding only
+    assert one["fp32:0"]["norm"] == pytest.approx(one["fp32:2"]["norm"], rel=1e-5)
+    # bf16 routes differently from fp32 (rounded logits pick other experts), so against DeepSpeed's bf16 ZeRO-1; its
+    # bf16 ZeRO-0 optimizer would report the dense gradients' norm alone, 8% lower here
+    assert one["bf16:0"]["norm"] == pytest.approx(one["bf16:1"]["norm"], rel=1e-3), one
     two = run(tmp_path, 2, 2, "fp32:0")
     assert two["fp32:0"]["own"]
     # every expert's gradient counted once: the whole model's norm, whatever the layout

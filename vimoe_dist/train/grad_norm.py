@@ -1,10 +1,13 @@
 """`grad_norm` of the log record: the global L2 norm of the gradients before clipping, in every precision and ZeRO
 stage.
 
-DeepSpeed reports it (`engine.get_global_grad_norm()`) when one of its own optimizers steps: bf16, fp16 and ZeRO
-1/2. In fp32 ZeRO-0 our AdamW steps directly and DeepSpeed has no norm to give (it clips through a norm it does not
-keep), so the norm is computed here: after the backward of a step's last micro-batch, when DeepSpeed has reduced the
-gradients and before its `step()` clips them. Clipping is left as it is; this only measures.
+DeepSpeed reports one (`engine.get_global_grad_norm()`) from its ZeRO 1/2 optimizers, which count every gradient.
+Elsewhere the norm is computed here: in fp32 ZeRO-0 our AdamW steps directly and DeepSpeed keeps no norm (it clips
+through one it does not keep); in bf16 and fp16 ZeRO-0 it wraps our AdamW in its `FP16_UnfusedOptimizer`, whose norm
+sums the shared parameters only and leaves every expert gradient out (deepspeed/runtime/fp16/unfused_optimizer.py,
+`step`). The norm is taken after the backward of a step's last micro-batch, when DeepSpeed has reduced the gradients
+and before its `step()` unscales (fp16) and clips them: the loss scale is divided out here, and clipping is left as
+it is (this only measures).
 
 Under expert parallelism the dense gradients are the same on every rank after the reduction, and each expert's
 gradient is the same on the ranks that hold that expert (one per expert-parallel group): the norm counts every
@@ -20,6 +23,9 @@ from torch import nn
 
 from vimoe_dist.parallel.collectives import all_reduce_sum
 
+# DeepSpeed optimizers (by class name: DeepSpeed is imported in parallel/ only) whose norm leaves the experts out
+NORM_WITHOUT_EXPERTS = ("FP16_UnfusedOptimizer",)
+
 
 class GradNorm:
     """The gradient norm of the last logged step.
@@ -33,8 +39,8 @@ class GradNorm:
 
     def __init__(self, engine, model: nn.Module, world_size: int, ep_size: int) -> None:
         self.engine = engine
-        # our own count where DeepSpeed's optimizer keeps none (fp32 ZeRO-0: the engine steps our AdamW)
-        self.own = not hasattr(engine.optimizer, "_global_grad_norm")
+        optimizer = engine.optimizer
+        self.own = not hasattr(optimizer, "_global_grad_norm") or type(optimizer).__name__ in NORM_WITHOUT_EXPERTS
         params = [p for p in model.parameters() if p.requires_grad]
         self.dense = [p for p in params if getattr(p, "allreduce", True)]
         self.experts = [p for p in params if not getattr(p, "allreduce", True)]  # tagged by `parallelize`
@@ -45,7 +51,12 @@ class GradNorm:
         """After the backward of a logged step's last micro-batch, before `engine.step()` (a collective when the
         norm is ours: every rank calls it at the same steps)."""
         if self.own:
-            self.value = global_grad_norm(self.dense, self.experts, self.replicas)
+            self.value = global_grad_norm(self.dense, self.experts, self.replicas) / self._loss_scale()
+
+    def _loss_scale(self) -> float:
+        """The factor fp16's loss scaling left in the gradients (1 elsewhere)."""
+        config = getattr(self.engine.optimizer, "loss_scale_config", None)
+        return float(config.cur_scale) if getattr(config, "use_grad_scaling", False) else 1.0
 
     def take(self) -> float | None:
         """The norm of the last step before the log (None before any step was applied)."""
@@ -70,4 +81,6 @@ def _squared_norm(params: list[nn.Parameter], device: torch.device) -> torch.Ten
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.nn.utils.get_total_norm(grads).to(device, torch.float64).square()
+    # per tensor in fp32 at least (bf16 gradients would round their norms), summed in fp64
+    norms = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)) for g in grads]
+    return torch.stack([n.to(device, torch.float64) for n in norms]).square().sum()
