@@ -80,6 +80,9 @@ class ParallelConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16; the router always computes in fp32
     timeout_s: float = 600.0  # collective timeout: a dead or hung rank ends the job within this
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
+    # merged into the generated DeepSpeed config (its monitors, communication settings, ...); keys the trainer owns
+    # (batch sizes, ZeRO stage, precision, optimizer, scheduler, clipping) are refused: parallel/ds_config.py
+    deepspeed: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -173,6 +176,7 @@ class MetricsConfig:
     pushgateway: str | None = None  # http(s)://host:port or host:port; each rank pushes its final values at exit
     push_timeout_s: float = 10.0
     job: str = "vimoe"  # the `job` label of every series
+    peak_tflops: float | None = None  # dense peak TFLOP/s of one device for MFU; None: the GPU's datasheet figure
 
 
 @dataclass
@@ -600,6 +604,7 @@ BOUNDS: dict[str, Bound] = {
     "data.max_image_pixels": Bound(1, 2**31),  # PIL refuses more than ~179 M pixels anyway
     "metrics.port": Bound(0, 65535),
     "metrics.push_timeout_s": Bound(0, 3600, low_open=True),
+    "metrics.peak_tflops": Bound(0, 10**6, low_open=True),  # GB200: 2,500 dense bf16; 10^6 is an exaFLOP/s device
 }
 _INT64 = Bound(-(2**63), 2**63 - 1)
 
@@ -745,6 +750,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"metrics.pushgateway: {_show(gateway)} is neither an http(s) URL nor host:port")
     _positive("metrics.push_timeout_s", cfg.metrics.push_timeout_s)
     _validate_wandb(cfg.metrics.wandb)
+    _validate_deepspeed(p.deepspeed)
 
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -760,6 +766,52 @@ def _validate_wandb(w: WandbConfig) -> None:
     tags = w.tags
     if isinstance(tags, str) or not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
         raise ConfigError(f"metrics.wandb.tags: expected a list of strings, got {_show(tags)}")
+
+
+# Keys of the DeepSpeed config the trainer writes itself (parallel/ds_config.py): `parallel.deepspeed` may not set
+# them. A path with a dot is a key inside a section; the rest of that section passes through.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.global_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "parallel.zero_stage",
+    "zero_optimization.compute_grad_norm": "its grad_norm, reported in every log record",
+    "fp16": "parallel.precision",
+    "bf16": "parallel.precision",
+    "amp": "parallel.precision",
+    "torch_autocast": "parallel.precision",
+    "data_types": "parallel.precision",
+    "optimizer": "train.lr, train.weight_decay, train.betas (AdamW with layer decay)",
+    "scheduler": "train.warmup_steps, train.min_lr (cosine)",
+    "zero_allow_untested_optimizer": "its own optimizer, which needs it",
+    "elasticity": "train.global_batch_size",
+    "checkpoint": "run.resume and its own checkpoint layout",
+}
+DEEPSPEED_SECTIONS = ("parallel.deepspeed.zero_optimization",)  # written by the trainer too: merged key by key
+
+
+def _validate_deepspeed(value: Any, key: str = "parallel.deepspeed") -> None:
+    """`parallel.deepspeed`: JSON data (it is written to `deepspeed_config.json`) without a key the trainer owns; a
+    section the trainer also writes (`zero_optimization`) must stay a mapping, so the two can be merged."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if not isinstance(name, str) or not name or _CONTROL.search(name) or len(name) > 200:
+                raise ConfigError(f"{key}: {_show(name)} is not a DeepSpeed config key")
+            path = f"{key}.{name}"
+            owner = DEEPSPEED_OWNED.get(path.removeprefix("parallel.deepspeed."))
+            if owner is not None:
+                raise ConfigError(f"{path}: the trainer writes this DeepSpeed setting itself (from {owner}); remove it")
+            if path in DEEPSPEED_SECTIONS and not isinstance(item, dict):
+                raise ConfigError(f"{path}: expected a mapping (merged into the trainer's own), got {_show(item)}")
+            _validate_deepspeed(item, path)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _validate_deepspeed(item, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {_show(value)}")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise ConfigError(f"{key}: {_show(value)} is not a JSON value (string, number, boolean, null, list, mapping)")
 
 
 def check_router_options(moe: MoEConfig) -> None:

@@ -213,3 +213,19 @@ def test_imbalance_is_computed_when_the_trainer_does_not_send_it(cfg, tmp_path):
     metrics.on_log({"step": 1, "loss": 1.0, "lr": 0.1, "images_per_sec": 4.0, "moe": {"3": {"tokens": [6, 2, 0, 0]}}})
     assert one(scrape(metrics), "vimoe_moe_load_imbalance", layer="3") == 3.0  # max 6 / mean 2
     metrics.close()
+
+
+def test_efficiency_and_gpu_memory_gauges_in_base_units(cfg, tmp_path):
+    metrics = build_metrics(cfg, rank=0, local_rank=0, world_size=1, run_dir=tmp_path, total_steps=20)
+    gpu = {"gpu_allocated_bytes": 3 << 30, "gpu_reserved_bytes": 4 << 30, "gpu_peak_allocated_bytes": 5 << 30}
+    metrics.on_log({"step": 5, "loss": 1.0, "tokens_per_sec": 4352.0, "flops_per_image": 3.2e9,
+                    "achieved_tflops": 123.5, "mfu": 0.4125, **gpu})  # fmt: skip
+    samples = scrape(metrics)
+    assert one(samples, "vimoe_train_flops_per_second", rank="0") == 123.5e12  # TFLOP/s in the record, FLOP/s here
+    assert one(samples, "vimoe_train_mfu") == 0.4125 and one(samples, "vimoe_train_flops_per_image") == 3.2e9
+    assert one(samples, "vimoe_train_tokens_per_second") == 4352.0
+    for key, value in gpu.items():
+        assert one(samples, f"vimoe_gpu_memory_{key.removeprefix('gpu_')}") == value
+    metrics.on_log({"step": 10, "loss": 0.9})  # a CPU rank's record, or one before any FLOP was counted
+    assert one(scrape(metrics), "vimoe_train_mfu") == 0.4125  # gauges keep their last value
+    metrics.close()

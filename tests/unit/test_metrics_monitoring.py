@@ -27,6 +27,8 @@ def exported_sample_names() -> set[str]:
     sink = PrometheusSink(TrainingCollector("j", 0, {"version": "0"}, 10))
     sink.on_step(1, 1, 0.1, 0.0, 0.0)
     sink.on_log({"step": 1, "loss": 1.0, "lr": 0.1, "images_per_sec": 1.0, "grad_norm": 1.0, "bad_samples": 0,
+                 "tokens_per_sec": 17.0, "flops_per_image": 3e9, "achieved_tflops": 120.0, "mfu": 0.4,
+                 "gpu_allocated_bytes": 1, "gpu_reserved_bytes": 2, "gpu_peak_allocated_bytes": 3,
                  "moe": {"0": {"tokens": [1, 2], "dropped": 0, "entropy": 0.5, "imbalance": 1.3}}})  # fmt: skip
     sink.on_eval({"step": 1, "eval_top1": 0.1, "eval_top5": 0.2, "eval_loss": 3.0})
     sink.on_checkpoint(1, 0.1)
@@ -51,7 +53,10 @@ def test_dashboard_queries_only_exported_series():
     assert used - exported == set(), "dashboard queries series the exporter does not have"
     for wanted in ("vimoe_train_images_total", "vimoe_moe_tokens_total", "vimoe_train_step_seconds_bucket",
                    "vimoe_moe_load_imbalance", "vimoe_moe_router_entropy", "vimoe_eval_top1", "vimoe_train_loss",
-                   "vimoe_process_resident_memory_bytes", "vimoe_build_info"):  # fmt: skip
+                   "vimoe_process_resident_memory_bytes", "vimoe_build_info", "vimoe_train_mfu",
+                   "vimoe_train_flops_per_second", "vimoe_gpu_memory_allocated_bytes",
+                   "vimoe_gpu_memory_reserved_bytes", "vimoe_gpu_memory_peak_allocated_bytes",
+                   "vimoe_train_tokens_per_second"):  # fmt: skip
         assert wanted in used, wanted
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))

@@ -14,7 +14,7 @@ from vimoe_dist.metrics.plot import plot_run
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_run(run_dir, layers=("10", "11"), num_experts=8, steps=400, every=10):
+def fake_run(run_dir, layers=("10", "11"), num_experts=8, steps=400, every=10, gpu=False):
     rng = random.Random(0)
     sink = JsonlSink(run_dir)
     for step in range(every, steps + 1, every):
@@ -24,9 +24,14 @@ def fake_run(run_dir, layers=("10", "11"), num_experts=8, steps=400, every=10):
             weights[0] += 6.0 * i * step / steps  # the last layer collapses onto expert 0
             tokens = [round(512 * w / sum(weights)) for w in weights]
             moe[layer] = {"tokens": tokens, "dropped": 3 * i, "entropy": 2.0 - i * step / steps, "imbalance": 1.1}
+        efficiency = {}
+        if gpu:  # what a GPU run's records add (train/efficiency.py)
+            efficiency = {"achieved_tflops": 120 + 10 * rng.random(), "mfu": 0.12 + 0.01 * rng.random(),
+                          "gpu_peak_allocated_bytes": 30 << 30, "gpu_reserved_bytes": 34 << 30,
+                          "gpu_allocated_bytes": 12 << 30, "grad_norm": 1.0 / (1 + step / 100)}  # fmt: skip
         sink.on_log(
             {"step": step, "loss": 2.3 * math.exp(-step / 150) + 0.1, "lr": 1e-3 * min(1.0, step / 50),
-             "images_per_sec": 400 + 20 * rng.random(), "moe": moe}
+             "images_per_sec": 400 + 20 * rng.random(), "moe": moe, **efficiency}
         )  # fmt: skip
         if step % 100 == 0:
             sink.on_eval({"step": step, "eval_top1": 1 - math.exp(-step / 120), "eval_loss": 1.0, "images": 100})
@@ -62,6 +67,15 @@ def test_vimoe_plot_writes_the_expected_panels(tmp_path, capsys):
     assert panels[str(plots / "routing.png")].split(" | ") == [
         "load imbalance (max / mean)", "router entropy (nats)", "dropped assignments (%)",
     ]  # fmt: skip
+
+
+def test_a_gpu_run_gets_its_efficiency_curves(tmp_path):
+    fake_run(tmp_path, steps=100, gpu=True)
+    panels = plot_run(tmp_path)
+    assert panels[tmp_path / "plots" / "efficiency.png"] == [
+        "achieved TFLOP/s per device", "MFU (%)", "GPU memory, rank 0 (GiB)", "gradient norm (before clipping)",
+    ]  # fmt: skip
+    check_png(tmp_path / "plots" / "efficiency.png")
 
 
 def test_dense_run_without_eval_gets_the_training_curves_only(tmp_path):

@@ -102,6 +102,18 @@ def test_progress_lines_without_a_terminal():
     assert "\r" not in out.getvalue()
 
 
+def test_progress_lines_show_flops_mfu_and_gpu_memory_when_the_record_has_them():
+    out = io.StringIO()
+    sink = ProgressSink(total_steps=20, start_step=0, stream=out)
+    record = {"step": 5, "loss": 0.5, "lr": 1e-3, "images_per_sec": 99.0, "tokens_per_sec": 1683.0}
+    sink.on_log({**record, "achieved_tflops": 96.24, "mfu": 0.0973, "gpu_peak_allocated_bytes": 31.4 * 2**30})
+    sink.on_log({**record, "step": 10, "achieved_tflops": 0.000123})  # a CPU run: no MFU without a peak, no GPU
+    sink.close()
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("step 5/20 loss 0.5 lr 1.0e-03 img/s 99 tflop/s 96.2 mfu 9.7% mem 31.4GiB eta ")
+    assert second.startswith("step 10/20 loss 0.5 lr 1.0e-03 img/s 99 tflop/s 0.000123 eta ")
+
+
 def test_progress_bar_on_a_terminal_shows_steps_loss_speed_and_eta():
     out = io.StringIO()
     sink = ProgressSink(total_steps=20, start_step=0, stream=out, bar=True)

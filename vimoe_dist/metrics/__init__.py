@@ -33,6 +33,9 @@ time spent waiting for the batch; `alltoall_seconds` the time in expert-parallel
 
 `on_log(record)` takes:
     {"step", "loss", "lr", "images_per_sec", "grad_norm", "step_seconds", "data_wait_seconds",
+     "alltoall_seconds",  # per step, mean over the interval
+     "tokens_per_sec", "flops_per_image", "achieved_tflops", "mfu",  # model FLOPs (train/efficiency.py)
+     "gpu_allocated_bytes", "gpu_reserved_bytes", "gpu_peak_allocated_bytes",  # this rank's GPU; absent on CPU
      "bad_samples",   # cumulative count on this rank
      "moe": {"<block index>": {"tokens": [per expert], "dropped": int, "entropy": float, "imbalance": float}}}
 where `tokens` and `dropped` count the token assignments (a token sent to k experts counts k times) of this rank
@@ -57,6 +60,8 @@ each with labels `job` (`metrics.job`) and `rank`:
     vimoe_train_steps_total, vimoe_train_images_total, vimoe_train_step, vimoe_train_steps_target,
     vimoe_train_last_step_timestamp_seconds, vimoe_train_step_seconds (histogram),
     vimoe_train_loss, vimoe_train_lr, vimoe_train_grad_norm, vimoe_train_images_per_second,
+    vimoe_train_tokens_per_second, vimoe_train_flops_per_image, vimoe_train_flops_per_second, vimoe_train_mfu,
+    vimoe_gpu_memory_allocated_bytes, vimoe_gpu_memory_reserved_bytes, vimoe_gpu_memory_peak_allocated_bytes,
     vimoe_data_wait_seconds_total, vimoe_data_bad_samples_total, vimoe_alltoall_seconds_total,
     vimoe_moe_tokens_total{layer, expert}, vimoe_moe_dropped_tokens_total{layer},
     vimoe_moe_load_imbalance{layer}, vimoe_moe_router_entropy{layer},

@@ -47,7 +47,15 @@ LOG_GAUGES = {
     "lr": ("vimoe_train_lr", "Learning rate (of the first parameter group) at the last logged step."),
     "images_per_sec": ("vimoe_train_images_per_second", "Training throughput over the last log interval."),
     "grad_norm": ("vimoe_train_grad_norm", "Global gradient norm before clipping at the last logged step."),
+    "tokens_per_sec": ("vimoe_train_tokens_per_second", "Tokens (patches and prefix tokens) per second, all ranks."),
+    "flops_per_image": ("vimoe_train_flops_per_image", "Training model FLOPs per image (3 x forward)."),
+    "achieved_tflops": ("vimoe_train_flops_per_second", "Achieved training model FLOP/s per device."),
+    "mfu": ("vimoe_train_mfu", "Model-FLOPs utilisation (ratio): achieved FLOP/s over the device's dense peak."),
+    "gpu_allocated_bytes": ("vimoe_gpu_memory_allocated_bytes", "GPU memory allocated by tensors at the last log."),
+    "gpu_reserved_bytes": ("vimoe_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator."),
+    "gpu_peak_allocated_bytes": ("vimoe_gpu_memory_peak_allocated_bytes", "Peak GPU memory allocated, last interval."),
 }
+LOG_SCALES = {"achieved_tflops": 1e12}  # record units -> the series' base units (FLOP/s)
 EVAL_GAUGES = {
     "eval_top1": ("vimoe_eval_top1", "Top-1 accuracy (ratio) of the last evaluation."),
     "eval_top5": ("vimoe_eval_top5", "Top-5 accuracy (ratio) of the last evaluation."),
@@ -104,7 +112,7 @@ class TrainingCollector(Collector):
         with self.lock:
             for key in LOG_GAUGES:
                 if _is_number(record.get(key)):
-                    self.gauges[key] = float(record[key])
+                    self.gauges[key] = float(record[key]) * LOG_SCALES.get(key, 1.0)
             if _is_number(record.get("bad_samples")):
                 seen = float(record["bad_samples"])
                 # a smaller cumulative count means the trainer's own count restarted (a resume that did not

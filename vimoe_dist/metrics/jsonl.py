@@ -2,8 +2,10 @@
 
 Record kinds, told apart by their keys:
 - train (every `train.log_every` steps): `step`, `time`, `loss`, `lr`, `images_per_sec`, `grad_norm`, `step_seconds`,
-  `data_wait_seconds`, `bad_samples`, and `moe`: {block index: {`tokens`: [per expert], `dropped`, `entropy`,
-  `imbalance`}} - one small object per MoE layer, so a line stays readable;
+  `data_wait_seconds`, `alltoall_seconds`, `tokens_per_sec`, `flops_per_image`, `achieved_tflops`, `mfu` (with a
+  known peak), `gpu_allocated_bytes`, `gpu_reserved_bytes`, `gpu_peak_allocated_bytes` (on a GPU), `bad_samples`,
+  and `moe`: {block index: {`tokens`: [per expert], `dropped`, `entropy`, `imbalance`}} - one small object per MoE
+  layer, so a line stays readable;
 - eval: `step`, `time`, `eval_top1`, `eval_top5`, `eval_loss`, `eval_images`;
 - checkpoint: `step`, `time`, `checkpoint_seconds`;
 - event: `step` (when known), `time`, `event` (its name) and the event's own fields.

@@ -6,7 +6,9 @@ Three pictures, each a grid of panels:
   interval as a stacked area, with the uniform share 1/E dashed - a collapsing router shows as one band swallowing
   the others (the picture of expert load used in V-MoE, Riquelme et al. 2021, fig. 7);
 - `routing.png`: load imbalance (max/mean tokens per expert), router entropy and the share of dropped
-  assignments, one line per layer.
+  assignments, one line per layer;
+- `efficiency.png` (when the records have them): achieved TFLOP/s per device, MFU, rank 0's GPU memory and the
+  gradient norm.
 
 Matplotlib's object API is used (no pyplot), so nothing touches a display or global state.
 """
@@ -21,6 +23,7 @@ from vimoe_dist.errors import UserError
 from vimoe_dist.metrics.jsonl import FILENAME, read_jsonl
 
 DPI = 110
+EFFICIENCY_KEYS = ("achieved_tflops", "mfu", "gpu_peak_allocated_bytes", "grad_norm")
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[Path, list[str]]:
@@ -46,6 +49,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[Pat
     if layers:
         written[out / "expert_load.png"] = _expert_load(train, layers, out / "expert_load.png")
         written[out / "routing.png"] = _routing(train, layers, out / "routing.png")
+    if any(_series(train, key)[0] for key in EFFICIENCY_KEYS):
+        written[out / "efficiency.png"] = _efficiency(train, out / "efficiency.png")
     return written
 
 
@@ -182,6 +187,33 @@ def _routing(train: list[dict], layers: list[str], path: Path) -> list[str]:
     fig.suptitle("routing statistics per MoE layer")
     fig.savefig(path, dpi=DPI)
     return [ax.get_title() for ax in (imbalance, entropy, dropped)]
+
+
+def _efficiency(train: list[dict], path: Path) -> list[str]:
+    fig, axes = _figure(2, 2)
+    panels = (
+        ("achieved TFLOP/s per device", [("achieved_tflops", "", 1.0)]),
+        ("MFU (%)", [("mfu", "", 100.0)]),
+        ("GPU memory, rank 0 (GiB)", [("gpu_peak_allocated_bytes", "peak allocated", 2**-30),
+                                      ("gpu_reserved_bytes", "reserved", 2**-30),
+                                      ("gpu_allocated_bytes", "allocated", 2**-30)]),
+        ("gradient norm (before clipping)", [("grad_norm", "", 1.0)]),
+    )  # fmt: skip
+    for ax, (title, lines) in zip(axes, panels):
+        ax.set_title(title)
+        for key, label, scale in lines:
+            steps, values = _series(train, key)
+            if steps:
+                ax.plot(steps, [v * scale for v in values], lw=1.2, label=label or None)
+        if not ax.lines:
+            _empty(ax, "not logged")
+        elif len(ax.lines) > 1:
+            ax.legend(fontsize="x-small")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle("efficiency")
+    fig.savefig(path, dpi=DPI)
+    return [ax.get_title() for ax in axes]
 
 
 def _layer_key(layer: str) -> tuple[int, str]:

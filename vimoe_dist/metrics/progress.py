@@ -8,7 +8,8 @@ starts, at most one line every `LINE_EVERY_S` seconds, and one when it ends:
 On a terminal the bar moves every step (tqdm redraws at most every 0.1 s, so a step costs a counter increment) and
 its postfix carries the last logged loss, images/s and learning rate; tqdm gives the ETA. In a Slurm or CI log a
 redrawn bar turns into one endless line of carriage returns, so there the sink prints one line per `on_log`
-instead: `step 120/1000 loss 1.234 lr 3.0e-04 img/s 512 eta 0:07:21`.
+instead: `step 120/1000 loss 1.234 lr 3.0e-04 img/s 512 tflop/s 96.2 mfu 9.7% mem 31.4GiB eta 0:07:21` (the
+efficiency figures when the record has them: MFU needs a known peak, memory a GPU).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class Progress:
         if bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
+            # leave=None: kept when it is the only bar, cleared when nested (an evaluation under the training bar)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True, leave=None)
         else:
             count = f", {total} {_plural(unit, total)}" if total is not None else ""
             self._print(f"{desc}: starting{count}")
@@ -218,15 +220,25 @@ class ProgressSink:
 
 
 def _fields(record: Mapping[str, Any]) -> str:
-    names = (("loss", "loss"), ("lr", "lr"), ("images_per_sec", "img/s"))
+    """loss, lr, images/s, then the efficiency figures a record has: achieved TFLOP/s per device, MFU and the peak GPU
+    memory of the interval."""
+    names = (("loss", "loss"), ("lr", "lr"), ("images_per_sec", "img/s"), ("achieved_tflops", "tflop/s"),
+             ("mfu", "mfu"), ("gpu_peak_allocated_bytes", "mem"))  # fmt: skip
     return " ".join(f"{label} {_fmt(record[key], key)}" for key, label in names if record.get(key) is not None)
 
 
 def _fmt(value: Any, key: str = "") -> str:
-    if isinstance(value, float):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         if key == "lr":
             return f"{value:.1e}"
         if key == "images_per_sec":
             return f"{value:.0f}"
+        if key == "mfu":
+            return f"{100 * value:.1f}%"
+        if key.endswith("_bytes"):
+            return f"{value / 2**30:.1f}GiB"
+        if key == "achieved_tflops":
+            return f"{value:.3g}"
+    if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

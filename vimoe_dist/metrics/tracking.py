@@ -4,8 +4,9 @@ named scalars, histograms, texts and images, shared by both so that a run reads 
 Names, grouped by their first path component (a TensorBoard section, a W&B panel section):
 
 - `train/<key>`: every number of a logged record (loss, lr, images_per_sec, grad_norm, step_seconds,
-  data_wait_seconds, bad_samples, and any number a later record adds; a nested mapping `{key: {sub: number}}`
-  becomes `train/<key>/<sub>`), except `moe`, which has its own section;
+  data_wait_seconds, alltoall_seconds, tokens_per_sec, flops_per_image, achieved_tflops, mfu, gpu_*_bytes,
+  bad_samples, and any number a later record adds; a nested mapping `{key: {sub: number}}` becomes
+  `train/<key>/<sub>`), except `moe`, which has its own section;
 - `train/alltoall_seconds`: expert-parallel all-to-all time per step, the mean over the log interval of what
   `on_step` received (unless the record carries that key itself);
 - `moe/block_<i>/entropy`, `imbalance` (max/mean tokens per expert), `dropped`: per MoE layer;

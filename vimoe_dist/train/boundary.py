@@ -3,15 +3,20 @@ the end of the run. Each is a collective where it says so: every rank reaches th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 
+import torch
+
 from vimoe_dist.errors import UserError
+from vimoe_dist.metrics.base import one_line
 from vimoe_dist.parallel.checkpoint_layout import tag_for
 from vimoe_dist.parallel.collectives import all_reduce_mean
 from vimoe_dist.parallel.engine import unwrap
 from vimoe_dist.train import checkpoint
+from vimoe_dist.train.eval_routing import EvalRouting, class_names_of
 from vimoe_dist.train.evaluate import evaluate
 from vimoe_dist.train.job import Job
 from vimoe_dist.train.rundir import write_run_file
@@ -62,21 +67,26 @@ def after_step(job: Job, step: int, outcome: StepOutcome, bad_steps: int) -> int
 
 
 def log_interval(job: Job, step: int, interval: LossInterval, data_wait: float) -> None:
-    """The log record of the steps since the last one: the loss averaged over ranks (a collective), lr, throughput,
-    gradient norm, bad samples and the MoE statistics; then a fresh interval."""
-    t, world = job.cfg.train, job.env.world_size
-    elapsed = time.perf_counter() - interval.started
-    mean_loss = all_reduce_mean(interval.loss_sum / max(interval.count, 1))
-    grad_norm = job.engine.get_global_grad_norm()
+    """The log record of the steps since the last one: the loss averaged over ranks (a collective, which also
+    averages the routed experts' FLOPs), lr, throughput, gradient norm, all-to-all time, model FLOPs and MFU, GPU
+    memory, bad samples and the MoE statistics; then a fresh interval. Throughput and MFU count the steps' own time
+    (`interval.seconds`), not the evaluations and checkpoints between them."""
+    world = job.env.world_size
+    seconds = interval.seconds
+    means = torch.stack([(interval.loss_sum / max(interval.count, 1)).double(), job.efficiency.take_expert_flops()])
+    mean_loss, expert_flops = all_reduce_mean(means).tolist()
     group = job.optimizer.param_groups[0]
+    images_per_sec = interval.images * world / max(seconds, 1e-9)
     job.metrics.on_log({
         "step": step,
-        "loss": mean_loss.item() if interval.count else float("nan"),
+        "loss": mean_loss if interval.count else float("nan"),
         "lr": group["lr"] / group.get("lr_scale", 1.0),
-        "images_per_sec": interval.images * world / max(elapsed, 1e-9),
-        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-        "step_seconds": elapsed / max(interval.count / t.grad_accum, 1),
+        "images_per_sec": images_per_sec,
+        "grad_norm": job.grad_norm.take(),
+        "step_seconds": seconds / max(interval.steps, 1),
         "data_wait_seconds": data_wait,
+        "alltoall_seconds": job.monitor.alltoall_seconds_per_step(),
+        **job.efficiency.record(seconds, expert_flops, images_per_sec),
         "bad_samples": job.train_loader.num_bad,
         "moe": job.monitor.report(step, job.metrics),
     })  # fmt: skip
@@ -153,16 +163,41 @@ def save(job: Job, step: int) -> None:
 
 
 def run_eval(job: Job, step: int) -> dict | None:
-    """An evaluation over the whole validation set (collective), or None without one."""
+    """An evaluation over the whole validation set (collective), or None without one. When a tracker takes images
+    (rank 0), the routing of the evaluation batches is drawn as heatmaps for it (train/eval_routing.py)."""
     if job.val_loader is None:
         return None
     job.hooks.before_eval(step)
-    result = evaluate(unwrap(job.engine), job.val_loader, job.device, job.dtype, should_stop=lambda: job.stop.requested)
+    routing = EvalRouting(job.monitor.layers, job.cfg.model.num_classes) if wants_heatmaps(job) else None
+    with routing or contextlib.nullcontext():
+        result = evaluate(
+            unwrap(job.engine), job.val_loader, job.device, job.dtype, should_stop=lambda: job.stop.requested,
+            on_batch=routing.update if routing else None, progress=job.env.is_main and job.cfg.train.progress,
+        )  # fmt: skip
+    job.monitor.discard_alltoall_seconds()  # the evaluation's all-to-all time is no training step's
     if result is None:  # a stop request during the evaluation: every rank left it at the same batch
         raise StopDuringEval(step)
     job.metrics.on_eval({"step": step, "eval_top1": result["top1"], "eval_top5": result["top5"],
                          "eval_loss": result["loss"], "images": result["images"]})  # fmt: skip
+    if routing is not None:
+        send_heatmaps(job, routing, step)
     return result
+
+
+def wants_heatmaps(job: Job) -> bool:
+    return bool(job.monitor.layers) and job.metrics.accepts_images
+
+
+def send_heatmaps(job: Job, routing: EvalRouting, step: int) -> None:
+    """Draws the heatmaps into `RUN/routing/<step tag>/` and hands them to the trackers; a failure is one warning
+    (tracking never stops training)."""
+    try:
+        paths = routing.draw(job.run_dir / "routing" / tag_for(step), step, class_names_of(job.cfg))
+    except Exception as e:
+        log.warning("metrics: the routing heatmaps of step %d were not drawn (%s)", step, one_line(e))
+        return
+    for tag, path in paths.items():
+        job.metrics.on_image(tag, path, step)
 
 
 def checkpoint_and_requeue(job: Job, step: int, during: str = "", signum: int | None = None) -> int:

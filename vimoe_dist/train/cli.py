@@ -70,7 +70,9 @@ def _eval(args: argparse.Namespace) -> int:
     model = load_model(cfg, args.checkpoint).to(device)
     num_classes = cfg.model.num_classes
     confusion_CC = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
-    result = evaluate(model, build_val_loader(cfg, 0, 1), device, confusion_CC=confusion_CC)
+    result = evaluate(
+        model, build_val_loader(cfg, 0, 1), device, confusion_CC=confusion_CC, progress=True
+    )  # one process: rank 0
     names = find_class_names(cfg, args.checkpoint)
     rows = per_class_rows(confusion_CC, names)
     result.update(device=str(device), classes_named=names is not None, worst_classes=worst_classes(rows))

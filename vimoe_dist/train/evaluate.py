@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vimoe_dist.metrics.progress import track
 from vimoe_dist.parallel.collectives import all_reduce_sum, any_rank
 
 
@@ -19,6 +20,8 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
     should_stop: Callable[[], bool] | None = None,
     confusion_CC: torch.Tensor | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
+    progress: bool = False,
 ) -> dict | None:
     """top-1, top-5, mean loss and image count. Every rank must call it (the MoE all-to-all is a collective in every
     forward); padding samples (`valid` False) run through the model but are not counted.
@@ -29,11 +32,14 @@ def evaluate(
 
     With `confusion_CC` (classes x classes, float64, on `device`), image counts of (true class, top-1 prediction)
     are added to it and summed over ranks, for per-class accuracy and confusions (`vimoe eval --per-class`).
+
+    `on_batch(labels, valid)` runs after each forward (the trainer records the routing there for the heatmaps,
+    train/eval_routing.py); `progress` shows it (a bar on a terminal, plain lines in a log: pass it on rank 0 only).
     """
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, images
-    for batch in loader:
+    for batch in track(loader, "eval", enabled=progress):
         if should_stop is not None and any_rank(should_stop(), device):
             model.train(was_training)
             return None
@@ -42,6 +48,8 @@ def evaluate(
         valid = batch.get("valid")
         valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid.to(device)
         logits = model(images)
+        if on_batch is not None:
+            on_batch(batch["label"], batch.get("valid"))
         logits = (logits[0] if isinstance(logits, tuple) else logits).float()
         k = min(5, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 from vimoe_dist.config import Config
+from vimoe_dist.parallel.engine import unwrap
 from vimoe_dist.parallel.env import DistEnv
+from vimoe_dist.train.efficiency import Efficiency
 from vimoe_dist.train.fault_hooks import FaultHooks
+from vimoe_dist.train.grad_norm import GradNorm
 from vimoe_dist.train.monitor import RoutingMonitor
 from vimoe_dist.train.nonfinite import NonFiniteWatch
 from vimoe_dist.train.signals import StopRequest
@@ -21,7 +24,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass
 class Job:
-    """One rank's training job: its config and place, the engine, data, metrics and watchers."""
+    """One rank's training job: its config and place, the engine, data, metrics and watchers; the FLOP counter and
+    the gradient norm of the log records are derived from the engine here."""
 
     cfg: Config
     env: DistEnv
@@ -40,6 +44,17 @@ class Job:
     nonfinite: NonFiniteWatch
     finite_steps: int = 0  # steps of this job whose loss was finite (train/boundary.py: none, nothing is saved)
     first_bad: str = ""  # where the first non-finite loss of this job came from, for the error when no step was finite
+    efficiency: Efficiency = field(init=False)
+    grad_norm: GradNorm = field(init=False)
+
+    def __post_init__(self) -> None:
+        model = unwrap(self.engine)
+        self.efficiency = Efficiency(self.cfg, model, self.monitor.layers, self.device, self.env.is_main)
+        self.grad_norm = GradNorm(self.engine, model, self.env.world_size, self.cfg.parallel.ep_size)
+
+    def logs_at(self, step: int) -> bool:
+        """Whether step `step` ends with a log record (`train.log_every`, and the last step)."""
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
 
     @property
     def ckpt_root(self) -> Path:

@@ -126,7 +126,7 @@ def train(cfg: Config) -> int:
             outcome = train_step(job, batches, step, interval)
             step += 1
             bad_steps = after_step(job, step, outcome, bad_steps)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            if job.logs_at(step):
                 log_interval(job, step, interval, outcome.data_wait)
             code = at_step_boundary(job, step, outcome.stop)
             if code is not None:

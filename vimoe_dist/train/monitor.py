@@ -36,6 +36,7 @@ class RoutingMonitor:
         self.collapsed_logs = dict.fromkeys(self.layers, 0)
         self.bad_block: int | None = None
         self._importance: dict[int, torch.Tensor] = {}  # of the last training forward, per block
+        self._alltoall_seconds, self._alltoall_steps = 0.0, 0  # since the last log record
         for i, m in self.layers.items():
             m.router.register_forward_hook(self._importance_hook(i))
 
@@ -65,6 +66,23 @@ class RoutingMonitor:
         self.steps += 1
 
     def take_alltoall_seconds(self) -> float:
+        """Seconds the expert-parallel dispatchers spent in all-to-all since the last call (once per step)."""
+        total = self._take_dispatcher_seconds()
+        self._alltoall_seconds += total
+        self._alltoall_steps += 1
+        return total
+
+    def discard_alltoall_seconds(self) -> None:
+        """Forgets the all-to-all time of the forwards since the last step (an evaluation's): not training time."""
+        self._take_dispatcher_seconds()
+
+    def alltoall_seconds_per_step(self) -> float:
+        """The mean all-to-all time per step since the last log record (0 without expert-parallel dispatch)."""
+        mean = self._alltoall_seconds / max(self._alltoall_steps, 1)
+        self._alltoall_seconds, self._alltoall_steps = 0.0, 0
+        return mean
+
+    def _take_dispatcher_seconds(self) -> float:
         total = 0.0
         for m in self.layers.values():
             d = m.dispatcher

@@ -26,13 +26,15 @@ class StepOutcome:
 
 @dataclass
 class LossInterval:
-    """The losses and images of the steps since the last log line, summed on the device without a host sync."""
+    """The losses and images of the steps since the last log line, summed on the device without a host sync, and the
+    steps' wall time (evaluations and checkpoints between them left out, so throughput and MFU are the training's)."""
 
     device: torch.device
     loss_sum: torch.Tensor = field(init=False)
     count: int = 0
     images: int = 0
-    started: float = 0.0
+    steps: int = 0
+    seconds: float = 0.0  # wall time of those steps, data waits included
 
     def __post_init__(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
@@ -45,7 +47,12 @@ class LossInterval:
 
     def reset(self) -> None:
         self.loss_sum.zero_()
-        self.count, self.images, self.started = 0, 0, time.perf_counter()
+        self.count, self.images, self.steps, self.seconds = 0, 0, 0, 0.0
+
+    def add_step(self, started: float) -> None:
+        """A step (applied or skipped) that began at `started` (perf_counter) ends now."""
+        self.steps += 1
+        self.seconds += time.perf_counter() - started
 
 
 def train_step(job: Job, batches: Iterator[dict], step: int, interval: LossInterval) -> StepOutcome:
@@ -55,7 +62,7 @@ def train_step(job: Job, batches: Iterator[dict], step: int, interval: LossInter
     cfg, started = job.cfg, time.perf_counter()
     seed_step(cfg.run.seed, step, job.env.rank)
     data_wait, images, stop = 0.0, 0, 0
-    for _ in range(cfg.train.grad_accum):
+    for micro in range(cfg.train.grad_accum):
         t_wait = time.perf_counter()
         try:
             batch, data_error = next(batches), None
@@ -72,10 +79,14 @@ def train_step(job: Job, batches: Iterator[dict], step: int, interval: LossInter
                 raise data_error
             raise UserError(f"stopping with rank {failed_rank}, whose training data failed (see its error)")
         if bad:
+            interval.add_step(started)
             return StepOutcome(skipped=True, stop=stop, images=images, data_wait=data_wait, started=started)
         job.engine.backward(loss)
+        if micro == cfg.train.grad_accum - 1 and job.logs_at(step + 1):
+            job.grad_norm.capture()  # reduced, not yet clipped (train/grad_norm.py)
         job.engine.step()
         interval.add(loss, images)
+    interval.add_step(started)
     return StepOutcome(skipped=False, stop=stop, images=images, data_wait=data_wait, started=started)
 
 
