@@ -44,6 +44,6 @@ def find_config(spec: str | os.PathLike) -> Path:
     shipped = shipped_configs()
     if name in shipped:
         return shipped[name]
-    from vimoe_dist.config import ConfigError  # config.py imports this module
+    from vimoe_dist.config import ConfigError  # config/load.py imports this module
 
     raise ConfigError(f"config {str(spec)!r} is neither a file nor a shipped config; shipped: {', '.join(shipped)}")
