@@ -149,6 +149,25 @@ def test_a_stop_signal_before_the_first_step_ends_a_stuck_rank_at_once(jobs, tmp
     assert "Traceback" not in job.log
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rendezvous_that_cannot_complete_is_one_line_within_the_timeout(jobs, tmp_path, rank):
+    """Rank 1 with no master listening (an unreachable master), rank 0 whose peer never comes: each ends within
+    parallel.timeout_s with one line naming the master, exit 2, no traceback and nothing written."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    out = tmp_path / "run"
+    job = jobs.start(out, "parallel.timeout_s=4", nproc=1, env=env)
+    assert job.finish(timeout=240) == 2, job.log[-3000:]
+    errors = _errors(job.log)
+    assert len(errors) == 1 and f"could not join the job at the master 127.0.0.1:{port}" in errors[0], job.log[-3000:]
+    assert "parallel.timeout_s=4 s" in errors[0]
+    assert "Traceback" not in job.log
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
 def test_ctrl_c_in_training_checkpoints_exits_130_and_the_command_resumes(jobs, tmp_path):
     out = tmp_path / "run"
     job = jobs.start(out, *ONE, "train.steps=100000", "train.checkpoint_every=0", nproc=1)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -208,7 +209,9 @@ def test_the_readme_imagenet_path_end_to_end(tmp_path):
     assert named and set(named) <= set(wnids)
     assert "classes most routed to each expert: " in out("vimoe analyze routing").stdout
     exported = work / "vimoe_s14.safetensors"
-    assert exported.is_file() and "tensors" in out("vimoe export").stdout
+    assert exported.is_file() and f"{NUM_CLASSES} class names" in out("vimoe export").stdout
+    with safe_open(str(exported), "pt") as f:
+        assert json.loads(f.metadata()["classes"]) == wnids
 
 
 def test_the_release_file_is_what_the_model_starts_from(tmp_path):

@@ -44,3 +44,22 @@ def test_bench_moe_runs_every_variant_at_toy_sizes(tmp_path, capsys):
     assert all(r["ms"] > 0 for r in rows.values())
     assert rows["vimoe tc-softmax"]["ratio_vs_dense"] > 0 and rows["vimoe tc-softmax"]["speedup_vs_deepspeed"] > 0
     assert "ratio_vs_dense" in capsys.readouterr().out
+
+
+def test_the_resume_cost_is_measured_and_scaled_to_imagenet_as_documented(tmp_path):
+    """`vimoe bench data`'s resume figures: the header rate is measured on real shards, a resume deep into a run
+    reaches its first batch in the exact order, and the ImageNet estimates follow from the measured rate (the
+    stream's skip grows with the step, the exact order's does not)."""
+    from vimoe_dist.bench.data import IMAGENET, resume_cost
+    from vimoe_dist.data.digits import write_digits
+
+    write_digits(tmp_path)
+    r = resume_cost(tmp_path, images_per_sec=1000.0, rounds=1)
+    rate, imagenet = r["header_rate_per_sec"], r["imagenet"]
+    assert rate > 0 and r["imagenet_epoch_permutation_sec"] > 0
+    assert set(r["first_batch_sec_after_resume_at_step"]) == {"0", "1000000"}
+    per_worker = IMAGENET["step"] * IMAGENET["global_batch"] / (IMAGENET["ranks"] * IMAGENET["workers"])
+    assert imagenet["stream_skip_samples_per_worker"] == per_worker
+    assert imagenet["stream_skip_resume_sec"] == pytest.approx(per_worker * IMAGENET["members_per_sample"] / rate)
+    assert 0 < imagenet["shards_touched_by_a_micro_batch"] <= IMAGENET["shards"]
+    assert imagenet["exact_resume_sec"] > r["imagenet_epoch_permutation_sec"]

@@ -44,6 +44,18 @@ def test_shipped_configs_by_name_and_the_checkout_link():
     assert soft.model.moe.router == "soft" and soft.parallel.ep_size == 8
 
 
+@pytest.mark.parametrize("name", sorted(shipped_configs()))
+def test_shipped_configs_name_data_sets_by_directory(name):
+    """A data set directory's manifests name its shards, so no shard count in a config can disagree with the data
+    (a brace range once named 1,024 of ImageNet's 1,282 train shards and 64 of its 50 val shards)."""
+    cfg = load_config(name)
+    for key in ("train", "val"):
+        value = getattr(cfg.data, key)
+        if value is None:
+            continue
+        assert isinstance(value, str) and not re.search(r"[{}*?\[]|\.tar$|://", value), (name, key, value)
+
+
 def test_a_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "digits.yaml").write_text("train: {steps: 7}\n")
@@ -150,3 +162,24 @@ def test_slurm_scripts_name_the_config_so_the_ranks_find_it(spec, tmp_path, monk
     assert code == 0, err
     want = str((REPO / "configs" / "digits.yaml").resolve()) if spec.startswith("configs/") else "digits"
     assert re.search(rf"-m vimoe_dist train --config {re.escape(want)}( &)?$", out, re.M), out
+
+
+def test_the_start_up_line_states_the_job_as_config_show_does(digits_dir, monkeypatch):
+    """Rank 0's one line: device, backend, precision, ranks and nodes, experts per rank, per-rank batch with its
+    micro-batch and routing groups, and the data set sizes."""
+    import torch
+
+    from vimoe_dist.data import check_data
+    from vimoe_dist.parallel.env import DistEnv
+    from vimoe_dist.train.setup import startup_line
+
+    monkeypatch.chdir(digits_dir)
+    cfg = load_config("digits", ["parallel.ep_size=2", "train.grad_accum=2", "model.moe.group_size=4"])
+    env = DistEnv(0, 4, 0, 2, 0, 2, "127.0.0.1", 29500, "torchrun")  # 4 ranks on 2 nodes
+    line = startup_line(cfg, env, torch.device("cpu"), "gloo", check_data(cfg))
+    # global batch 64 over 4 ranks: 16 per rank per step, 2 micro-batches of 8, each 2 routing groups of 4 images
+    assert re.sub(r"device cpu \(\d+ threads?\)", "device cpu", line).startswith(
+        "start: device cpu, backend gloo, precision fp32, 4 ranks on 2 nodes, ep_size 2 (2 of 4 experts per rank), "
+        "16 images per rank per step (micro-batch 8, 2 routing groups of 4); "
+    ), line
+    assert "\n" not in line and "1,437" in line and "360" in line and "10 classes" in line, line

@@ -313,3 +313,26 @@ def test_values_deepspeed_would_pass_through_the_remote_shell_are_refused(setup,
     code, out, err = run_cli(argv, capsys)
     check_one_line_refusal(code, out, err, "cwd")
     assert "the current directory" in err
+
+
+@pytest.mark.parametrize("form", ["hostfile", "slurm"])
+@pytest.mark.parametrize("how", ["value", "forwarded"])
+def test_a_newline_in_an_env_value_never_adds_a_variable(setup, tmp_path, capsys, monkeypatch, form, how):
+    """`--env A=1<newline>LD_PRELOAD=...` (or a forwarded A holding it) would add a variable on every node where the
+    value goes through a file or a script: there (the hostfile job file, a value rendered into the sbatch script) it
+    is refused in one line naming the variable; where it stays an environment value (Slurm forwards it by name) it
+    is never printed or written."""
+    config, _, _ = setup
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=1\n")
+    smuggled = f"1\nLD_PRELOAD={tmp_path / 'evil.so'}"
+    monkeypatch.setenv("A", smuggled)
+    env_arg = f"--env=A={smuggled}" if how == "value" else "--env=A"
+    extra = {"hostfile": ["--hostfile", str(hostfile), "--dry-run"], "slurm": ["--print"]}[form]
+    code, out, err = run_cli(["launch", form, *extra, env_arg, "--config", str(config)], capsys)
+    if form == "hostfile" or (form, how) == ("slurm", "value"):
+        check_one_line_refusal(code, out, err, f"{form} --env {how}")
+        assert "--env A" in err and "LD_PRELOAD" not in out + err
+    else:
+        assert code == 0, err
+        assert "LD_PRELOAD" not in out + err and "evil.so" not in out + err

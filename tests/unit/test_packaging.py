@@ -1,5 +1,5 @@
 """What a wheel of the project promises: every imported package declared, one pinned set that is the tested set,
-fairscale optional, a licence and a citation. (tests/system/test_wheel.py installs a wheel and runs it.)"""
+fairscale optional, a licence and a citation. (tests/unit/test_wheel.py installs a wheel and runs it.)"""
 
 from __future__ import annotations
 

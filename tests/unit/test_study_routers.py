@@ -172,7 +172,9 @@ def test_study_end_to_end_at_a_tiny_size(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main([*argv, "--timeout-s", "600", *tiny])
     assert e.value.code == 0, capsys.readouterr().err[-3000:]
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "study: 4/4 runs in " in captured.out + captured.err  # progress, one plain line per run
     assert "study:   soft         groups of one image (as its authors), slots_per_expert 4" in printed
     report = json.loads((out / "routers.json").read_text())
     assert [(r["router"], r["seed"]) for r in report["runs"]] == [("soft", 0), ("soft", 1), ("tc-softmax", 0),

@@ -215,8 +215,12 @@ def run_study_routers(args: argparse.Namespace) -> int:
     commands = [train_command(args.launch, config, list(args.overrides), by_router[r.router], r, out) for r in runs]
     if args.slurm:
         return _submit(args, runs, commands, out)
+    from vimoe_dist.metrics.progress import track
+
     failed = []
-    for run, cmd in zip(runs, commands):
+    # plain lines even on a terminal (the runs draw their own progress there): `study: i/N run`, elapsed and ETA
+    progress = {"total": len(runs), "unit": "run", "bar": False, "every_s": 0, "enabled": not args.dry_run}
+    for run, cmd in track(zip(runs, commands), "study", **progress):
         if (out / run.name / "eval.json").is_file():
             print(f"study: {run.name} done already", flush=True)
             continue

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from vimoe_dist.config import Config, load_config, save_config
+from vimoe_dist.config import Config, load_config, micro_batch_size, save_config
 from vimoe_dist.doctor.result import FAIL, OK, SKIP, WARN, Check, Subprocess
 from vimoe_dist.errors import UserError
 from vimoe_dist.net import free_port
@@ -41,7 +41,7 @@ def bench_config(config: str | None, overrides: list[str], batch: int | None, ou
     batch of the run (global batch / (ep_size x grad_accum), i.e. one expert-parallel group of GPUs) unless given."""
     cfg = load_config(config or shipped_config(), overrides)
     group = cfg.model.moe.group_size
-    per_gpu = cfg.train.global_batch_size // max(cfg.parallel.ep_size * cfg.train.grad_accum, 1)
+    per_gpu = micro_batch_size(cfg, cfg.parallel.ep_size)
     b = batch or max(group, per_gpu - per_gpu % group)
     if b % group:
         raise UserError(f"--batch: {b} is not a multiple of model.moe.group_size={group}")

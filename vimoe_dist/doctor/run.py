@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vimoe_dist.config import Config
+from vimoe_dist.config import Config, ConfigError, micro_batch_size
 from vimoe_dist.doctor import inputs, node, software
 from vimoe_dist.doctor.result import FAIL, OK, SKIP, STATUSES, WARN, Check, Subprocess, bounded
 from vimoe_dist.errors import UserError
@@ -117,7 +117,10 @@ def _shm_need(cfg: Config, local_ranks: int) -> tuple[int, int]:
     """The node's data loaders at the config's settings, assuming the whole job on this node (the largest per-rank
     batch it can have): float32 images of model.img_size."""
     m, t, d = cfg.model, cfg.train, cfg.data
-    micro = max(1, t.global_batch_size // (local_ranks * t.grad_accum))
+    try:
+        micro = micro_batch_size(cfg, local_ranks)
+    except ConfigError:  # the job spans more nodes than this one: its batch split is checked at launch; bound it here
+        micro = -(-t.global_batch_size // (local_ranks * t.grad_accum))
     return node.shm_need(4 * m.in_chans * m.img_size**2, micro, d.num_workers, d.prefetch, local_ranks)
 
 

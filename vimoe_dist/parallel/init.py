@@ -5,8 +5,10 @@ torch's own, for the analysis commands, which need no DeepSpeed).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -41,9 +43,10 @@ def init_distributed(cfg: Config, env: DistEnv, device: torch.device | None = No
         )
     backend = _prepare(cfg, env, device)
     timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
-    deepspeed.init_distributed(
-        dist_backend=backend, timeout=timeout, verbose=False, rank=env.rank, world_size=env.world_size
-    )
+    with _rendezvous(cfg, env):
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=timeout, verbose=False, rank=env.rank, world_size=env.world_size
+        )
     return device
 
 
@@ -54,14 +57,31 @@ def join_process_group(cfg: Config, env: DistEnv, device: torch.device | None = 
     if dist.is_initialized():
         return device
     backend = _prepare(cfg, env, device)
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
-    )
+    with _rendezvous(cfg, env):
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
+        )
     return device
+
+
+@contextlib.contextmanager
+def _rendezvous(cfg: Config, env: DistEnv) -> Iterator[None]:
+    """A rendezvous that fails (an unreachable or unresolvable master, a rank that never comes, all bounded by
+    `parallel.timeout_s`) is one line naming the master and what to check, not torch's traceback."""
+    try:
+        yield
+    except dist.DistError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"parallel: rank {env.rank} of {env.world_size} could not join the job at the master "
+            f"{env.master_addr}:{env.master_port} within parallel.timeout_s={cfg.parallel.timeout_s:g} s ({reason}); "
+            "check that every rank was started, MASTER_ADDR/MASTER_PORT (or the launcher's), and that the port is "
+            "reachable from this node"
+        ) from None
 
 
 def resolve_backend(name: str, device: torch.device) -> str:

@@ -90,6 +90,7 @@ def _export(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    from vimoe_dist.analysis.classes import find_class_names
     from vimoe_dist.analysis.loading import load_model
     from vimoe_dist.errors import UserError
 
@@ -101,14 +102,19 @@ def _export(args: argparse.Namespace) -> int:
     cfg = _load(args)
     model = load_model(cfg, args.checkpoint)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": "vimoe", "backbone": cfg.model.backbone}
+    names = find_class_names(cfg, args.checkpoint)
+    if names is not None:  # index -> name, so that a served model can say what it predicts
+        metadata["classes"] = json.dumps(names)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # a full disk leaves no torn file under the name asked for
     try:
-        save_file(state, str(tmp), metadata={"format": "vimoe", "backbone": cfg.model.backbone})
+        save_file(state, str(tmp), metadata=metadata)
         os.replace(tmp, out)
     except (OSError, SafetensorError) as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"--out {args.out}: cannot write ({getattr(e, 'strerror', None) or e})") from None
-    print(f"wrote {args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters")
+    classes = f"{len(names)} class names in its metadata ('classes')" if names is not None else "no class names known"
+    print(f"wrote {args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters, {classes}")
     return 0
 
 
