@@ -14,7 +14,7 @@ from vimoe_dist.errors import UserError
 
 # modules with `register(subparsers)`; importing them must stay cheap (no torch at import time)
 COMMAND_MODULES = (
-    "vimoe_dist.config_cli",
+    "vimoe_dist.config.cli",
     "vimoe_dist.train.cli",
     "vimoe_dist.data.cli",
     "vimoe_dist.launch.cli",

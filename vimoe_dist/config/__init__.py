@@ -13,6 +13,7 @@ one-line `ValueError` that names the key and the value (shortened: a value is ne
     bounds.py      BOUNDS: the allowed range of every numeric key
     validation.py  `validate`: choices, checks across keys, router options, `parallel.deepspeed`
     derived.py     the micro-batch size and layout on a number of ranks, `parse_layers`
+    cli.py         `vimoe config show|list` (imported by vimoe_dist/cli.py only: it reads data and devices)
 
 Import every name from `vimoe_dist.config` itself (`__all__`): the files are how it is written, not its interface.
 """

@@ -61,13 +61,12 @@ from vimoe_dist.train.monitor import RoutingMonitor
 from vimoe_dist.train.nonfinite import NonFiniteWatch
 from vimoe_dist.train.rundir import claim_run_dir, write_run_files
 from vimoe_dist.train.setup import (
+    announce,
     build_criterion,
     build_engine,
     prepare_run_dir,
     seed_everything,
     setup_logging,
-    startup_line,
-    write_run_classes,
 )
 from vimoe_dist.train.signals import StopRequest
 from vimoe_dist.train.step import LossInterval, train_step
@@ -87,9 +86,7 @@ def train(cfg: Config) -> int:
     init_distributed(cfg, env, device)
     claim_run_dir(cfg.run.out_dir, env.rank)  # one job per run directory: a second one exits 2 on every rank
     run_dir = prepare_run_dir(cfg, env.rank)
-    if env.is_main:
-        log.info("%s", startup_line(cfg, env, device, check_device(cfg, device), ready.data))
-        write_run_classes(run_dir, ready.data.classes)
+    announce(cfg, env, device, check_device(cfg, device), ready.data, run_dir)  # rank 0: start-up line, classes.txt
     # a bad resume path and a taken metrics port fail before anything is built
     resume_from = checkpoint.find_resume(cfg, run_dir / "checkpoints")
     val_loader = build_val_loader(cfg, env.rank, env.world_size) if cfg.data.val else None

@@ -40,6 +40,13 @@ def prepare_run_dir(cfg: Config, rank: int) -> Path:
     return run_dir
 
 
+def announce(cfg: Config, env: DistEnv, device: torch.device, backend: str, data: DataSummary, run_dir: Path) -> None:
+    """Rank 0 states the job (`startup_line`) and keeps its class list in the run directory (`write_run_classes`)."""
+    if env.is_main:
+        logging.getLogger("vimoe.train").info("%s", startup_line(cfg, env, device, backend, data))
+        write_run_classes(run_dir, data.classes)
+
+
 def write_run_classes(run_dir: Path, classes: list[str]) -> Path | None:
     """`RUN/classes.txt` (rank 0), line i naming class i, when the data set's manifests name the classes: `vimoe
     eval` and `vimoe analyze` name classes by it, also once the data set has moved."""
