@@ -1,5 +1,6 @@
 """`run.device`: what asks for GPUs, the device a rank gets, the backend and precision that go with it, and the
-one-line refusals before any rank starts (the trainer, `vimoe launch local|slurm`, `vimoe eval`).
+one-line refusals before any rank starts (the trainer, `vimoe launch local|slurm`, `vimoe eval`, `analyze
+routing`, `prune`).
 
 This machine has no GPU (CI neither): the refusals are real here. The cases that need CUDA to succeed are marked
 and skipped here; where a CUDA count must be faked (`torch.cuda.device_count`), the test says so.
@@ -148,12 +149,16 @@ def environ(monkeypatch):
         (["train"], {}, "run.device: cuda, but CUDA is not usable here"),
         (["train"], {"SLURM_JOB_GPUS": "0"}, "run.device: auto: SLURM_JOB_GPUS=0 asks for GPUs"),
         (["eval", "--checkpoint", "/nonexistent"], {}, "run.device: cuda, but CUDA is not usable here"),
+        (["analyze", "routing", "--checkpoint", "{tmp}", "--out", "{tmp}/a"], {}, "run.device: cuda, but CUDA is not"),
+        (["prune", "--checkpoint", "{tmp}", "--keep-layers", "none", "--out", "{tmp}/p"], {}, "run.device: cuda, but"),
     ],
 )
 def test_refused_in_one_line_before_any_rank_starts(config, tmp_path, capsys, environ, argv, variables, needle):
     for key, value in variables.items():
         environ.setenv(key, value)
     device = "run.device=auto" if variables else "run.device=cuda"
+    argv = [a.replace("{tmp}", str(tmp_path / "ckpt")) for a in argv]  # a directory that exists: the device comes next
+    (tmp_path / "ckpt").mkdir()
     code, out, err = run([*argv, "--config", str(config), device], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "run").exists()  # no run directory, no rank
