@@ -23,6 +23,15 @@ TINY_RUN = [
 ]
 
 
+def unset_env(monkeypatch, *names: str) -> None:
+    """Removes `names` from os.environ for one test, and removes them again after it if the code under test set them:
+    `monkeypatch.delenv(name, raising=False)` records nothing for an unset variable, so a variable the test's code
+    sets (LOCAL_RANK, DS_ACCELERATOR, ...) would leak into every later test."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 def tiny_dataset(out: Path) -> Path:
     """A data set directory (`train.json`, `val.json` and their shards) of one class that the data checks accept:
     for tests of commands that check the data before they start (`vimoe launch`, `vimoe config show`) and never

@@ -42,10 +42,10 @@ def mounted(target, *args: str):
 
 def _fill(directory, leave: int) -> None:
     """Writes a file until the disk is full, then gives back `leave` bytes."""
-    with open(directory / "filler", "wb") as f, contextlib.suppress(OSError):
+    # unbuffered: a buffered file would raise ENOSPC again when it closes, flushing what the failed write left
+    with open(directory / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
         while True:
             f.write(b"\0" * 65536)
-            f.flush()
     size = (directory / "filler").stat().st_size
     os.truncate(directory / "filler", max(size - leave, 0))
 

@@ -96,7 +96,7 @@ def test_refused_starts_change_nothing_and_a_changed_router_setting_is_named(job
 
     job = jobs.run(out, *ONE, "train.steps=6", "model.moe.num_experts=8", nproc=1, expect=2)
     (error,) = _errors(job.log)
-    assert "does not fit this model or layout" in error, error
+    assert "does not fit this run (model.moe.num_experts)" in error and "of 8 experts" in error, error
     # config.yaml included: eval and analysis of the run still read the right model
     assert _files(out, skip=("metrics.jsonl", ".lock")) == before
 

@@ -65,7 +65,8 @@ def test_local_launcher_trains_digits(digits, tmp_path, launcher, module):
     out = tmp_path / "run"
     code, log = launch(digits, out, launcher, steps=6, checkpoint_every=0).finish()
     assert code == 0, log
-    printed = shlex.split(log.splitlines()[0])  # the exact command line comes first
+    # the exact command line comes first on stdout, after what was checked (and any data warning) on stderr
+    printed = shlex.split(next(line for line in log.splitlines() if line.startswith(sys.executable)))
     assert printed[:3] == [sys.executable, "-m", module] and "vimoe_dist" in printed, log
     assert digits.steps(out)[-1] == 6 and digits.eval_result(out)["images"] > 0, log
 

@@ -1,4 +1,5 @@
 import pytest
+from support import unset_env
 
 from vimoe_dist.config import ConfigError, load_config, parse_layers, parse_override
 
@@ -79,7 +80,7 @@ def test_loading_a_config_does_not_import_torch():
 def test_deepspeed_launchers_local_rank_is_accepted_anywhere(monkeypatch):
     from vimoe_dist.cli import strip_local_rank
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    unset_env(monkeypatch, "LOCAL_RANK")
     assert strip_local_rank(["--local_rank=1", "train", "--config", "c.yaml", "a=1"]) == [
         "train",
         "--config",

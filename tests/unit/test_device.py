@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import data_yaml
+from support import data_yaml, unset_env
 
 from vimoe_dist.cli import main
 from vimoe_dist.config import ConfigError, load_config
@@ -136,7 +136,7 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.fixture
 def environ(monkeypatch):
     """Variables a test sets, and DS_ACCELERATOR (which `vimoe train` sets from run.device), restored after it."""
-    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    unset_env(monkeypatch, "DS_ACCELERATOR")
     return monkeypatch
 
 

@@ -8,6 +8,7 @@ import os
 import socket
 
 import pytest
+from support import unset_env
 
 from vimoe_dist.errors import UserError
 from vimoe_dist.parallel.env import DistEnv, export_env, resolve_env, slurm_master_port
@@ -145,6 +146,6 @@ def test_export_env_round_trips_through_resolve():
 
 def test_export_env_defaults_to_os_environ(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        unset_env(monkeypatch, name)
     export_env(DistEnv(0, 1, 0, 1, 0, 1, "127.0.0.1", 29400, "single"))
     assert os.environ["MASTER_PORT"] == "29400" and os.environ["WORLD_SIZE"] == "1"

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import data_yaml
+from support import data_yaml, unset_env
 
 from vimoe_dist.cli import main
 from vimoe_dist.errors import UserError
@@ -239,7 +239,7 @@ def test_job_file_entry_keeps_interpreter_flags_and_runs_vimoe(tmp_path):
 def test_hostfile_env_without_value_must_be_set(config, tmp_path, capsys, monkeypatch):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=1\n")
-    monkeypatch.delenv("VIMOE_UNSET_VAR", raising=False)
+    unset_env(monkeypatch, "VIMOE_UNSET_VAR")
     code, _, err = run_cli(
         ["launch", "hostfile", "--hostfile", str(hostfile), "--env", "VIMOE_UNSET_VAR", "--dry-run",
          "--config", str(config)],

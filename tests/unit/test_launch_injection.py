@@ -272,7 +272,8 @@ def test_pdsh_launch_puts_no_user_value_through_the_remote_shell(setup, tmp_path
     # MLFLOW_*: DeepSpeed would export these through the remote shell if they were in its environment
     env_args = [f"--env=MLFLOW_V{i}={v}" for i, v in enumerate(values)]
     argv = [sys.executable, "-m", "vimoe_dist", "launch", "hostfile", "--hostfile", str(hostfile), "--master-addr",
-            "node1", "--master-port", "29561", *env_args, "--config", str(config), *overrides]  # fmt: skip
+            "node1", "--master-port", "29561", "--no-data-check", *env_args, "--config", str(config),
+            *overrides]  # fmt: skip
     result = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert not marker.exists()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from launch_fakes import calls, make_fake_bin, srun_env
-from support import data_yaml
+from support import data_yaml, unset_env
 
 from vimoe_dist.cli import main
 from vimoe_dist.errors import UserError
@@ -221,7 +221,7 @@ def test_nccl_warn_by_default_and_the_sites_network_variables_reach_the_ranks(co
     monkeypatch.setenv("NCCL_IB_HCA", "mlx5_0:1,mlx5_1:1")
     monkeypatch.setenv("FI_PROVIDER", "efa")
     monkeypatch.setenv("UCX_TLS", "rc x")
-    monkeypatch.delenv("NCCL_DEBUG", raising=False)
+    unset_env(monkeypatch, "NCCL_DEBUG")
     code, script, _ = run_cli(["launch", "slurm", "--config", str(config)], capsys)
     assert code == 0
     # the job's environment lacks them (sbatch --export=NONE): the script's copies reach srun

@@ -25,6 +25,7 @@ from vimoe_dist.metrics.build import check_trackers
 
 pytest.importorskip("wandb", reason="the wandb extra: pip install 'vimoe-dist[wandb]'")
 from google.protobuf.message import DecodeError  # wandb's dependency, so present wherever wandb is
+from support import unset_env
 
 BLOCK = 32768  # LevelDB log blocks
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -88,7 +89,7 @@ def offline(monkeypatch, tmp_path):
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_PROJECT"):
-        monkeypatch.delenv(var, raising=False)
+        unset_env(monkeypatch, var)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     return ["metrics.wandb.mode=offline", "metrics.wandb.project=vimoe-test", "train.progress=false"]
 
