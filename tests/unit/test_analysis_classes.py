@@ -13,7 +13,7 @@ from vimoe_dist.analysis.classes import find_class_names, per_class_rows, worst_
 from vimoe_dist.analysis.report import expert_classes
 from vimoe_dist.config import load_config
 from vimoe_dist.train.evaluate import evaluate
-from vimoe_dist.train.setup import write_run_classes
+from vimoe_dist.train.rundir import write_run_classes
 
 NAMES = ["tench", "goldfish", "great white shark"]
 

@@ -86,7 +86,7 @@ def train(cfg: Config) -> int:
     init_distributed(cfg, env, device)
     claim_run_dir(cfg.run.out_dir, env.rank)  # one job per run directory: a second one exits 2 on every rank
     run_dir = prepare_run_dir(cfg, env.rank)
-    announce(cfg, env, device, check_device(cfg, device), ready.data, run_dir)  # rank 0: start-up line, classes.txt
+    announce(cfg, env, device, check_device(cfg, device), ready.data)  # rank 0's start-up line
     # a bad resume path and a taken metrics port fail before anything is built
     resume_from = checkpoint.find_resume(cfg, run_dir / "checkpoints")
     val_loader = build_val_loader(cfg, env.rank, env.world_size) if cfg.data.val else None
@@ -103,9 +103,9 @@ def train(cfg: Config) -> int:
         model = parallelize(model, cfg.parallel.ep_size)  # from here on, MoE FFNs send tokens to other ranks' experts
         engine, optimizer, scheduler = build_engine(model, cfg, env.world_size)
 
-        # --- resume: weights, optimizer, step, data position, metric totals; then the run's config.yaml
+        # --- resume: weights, optimizer, step, data position, metric totals; then config.yaml and classes.txt
         start_step, rank_state = checkpoint.resume(engine, cfg, resume_from, env) if resume_from else (0, {})
-        write_run_files(cfg, run_dir, env.world_size, resume_from)
+        write_run_files(cfg, run_dir, env.world_size, resume_from, ready.data.classes)
         train_loader = build_train_loader(cfg, env.rank, env.world_size, start_step=start_step,
                                           state=rank_state.get("data"))  # fmt: skip
         if rank_state.get("metrics"):

@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from vimoe_dist.config import Config, load_config, to_dict
+from vimoe_dist.data.check import CLASSES_FILE
 from vimoe_dist.errors import UserError
 
 log = logging.getLogger("vimoe.train")
@@ -135,10 +136,23 @@ def write_run_file(path: Path, text: str) -> None:
         raise UserError(f"cannot write {str(path)!r} ({e.strerror or e})") from None
 
 
-def write_run_files(cfg: Config, run_dir: Path, world_size: int, resumed: tuple[Path, str] | None) -> None:
-    """The resolved `config.yaml` and `deepspeed_config.json` (rank 0), once the checkpoint to resume from has been
-    accepted; before, a warning naming what changed in the model since the checkpoint's run. A collective: every
-    rank raises the same one-line error when rank 0 cannot write.
+def write_run_classes(run_dir: Path, classes: list[str]) -> Path | None:
+    """`RUN/classes.txt`, line i naming class i, when the data set's manifests name the classes (their names were
+    checked when the manifests were read): `vimoe eval` and `vimoe analyze` name classes by it, also once the data
+    set has moved."""
+    if not classes:
+        return None
+    write_run_file(run_dir / CLASSES_FILE, "".join(f"{name}\n" for name in classes))
+    return run_dir / CLASSES_FILE
+
+
+def write_run_files(
+    cfg: Config, run_dir: Path, world_size: int, resumed: tuple[Path, str] | None, classes: list[str] = ()
+) -> None:
+    """The resolved `config.yaml`, `deepspeed_config.json` and the data set's `classes.txt` (rank 0), once the
+    checkpoint to resume from has been accepted (a refused start changes no file); before, a warning naming what
+    changed in the model since the checkpoint's run. A collective: every rank raises the same one-line error when
+    rank 0 cannot write.
 
     Raises:
         UserError: rank 0 cannot write a file (naming it and the reason).
@@ -153,6 +167,7 @@ def write_run_files(cfg: Config, run_dir: Path, world_size: int, resumed: tuple[
         try:
             write_run_file(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
             write_run_file(run_dir / "deepspeed_config.json", json.dumps(build_ds_config(cfg, world_size), indent=2))
+            write_run_classes(run_dir, classes)
         except UserError as e:
             error = str(e)
     error = collectives.all_gather_object(error)[0]

@@ -16,7 +16,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from vimoe_dist.config import Config, micro_batch_size
-from vimoe_dist.data.check import CLASSES_FILE, DataSummary, write_class_names
+from vimoe_dist.data.check import DataSummary
 from vimoe_dist.errors import UserError
 from vimoe_dist.parallel.device import describe_device
 from vimoe_dist.parallel.ds_config import build_ds_config
@@ -40,20 +40,10 @@ def prepare_run_dir(cfg: Config, rank: int) -> Path:
     return run_dir
 
 
-def announce(cfg: Config, env: DistEnv, device: torch.device, backend: str, data: DataSummary, run_dir: Path) -> None:
-    """Rank 0 states the job (`startup_line`) and keeps its class list in the run directory (`write_run_classes`)."""
+def announce(cfg: Config, env: DistEnv, device: torch.device, backend: str, data: DataSummary) -> None:
+    """Rank 0 states the job in one line (`startup_line`)."""
     if env.is_main:
         logging.getLogger("vimoe.train").info("%s", startup_line(cfg, env, device, backend, data))
-        write_run_classes(run_dir, data.classes)
-
-
-def write_run_classes(run_dir: Path, classes: list[str]) -> Path | None:
-    """`RUN/classes.txt` (rank 0), line i naming class i, when the data set's manifests name the classes: `vimoe
-    eval` and `vimoe analyze` name classes by it, also once the data set has moved."""
-    if not classes:
-        return None
-    write_class_names(classes, run_dir / CLASSES_FILE)
-    return run_dir / CLASSES_FILE
 
 
 def startup_line(cfg: Config, env: DistEnv, device: torch.device, backend: str, data: DataSummary) -> str:
