@@ -66,9 +66,10 @@ def losses(run: Path) -> dict[int, float]:
     return out
 
 
-@pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda z: f"zero{z}")
+@pytest.fixture(scope="module", params=[0, 2], ids=lambda z: f"zero{z}")
 def runs(request, digits, tmp_path_factory) -> dict[str, Path]:
-    """20 steps straight, and 10 steps then the same command again (which resumes), at one ZeRO stage, 2 ranks."""
+    """20 steps straight, and 10 steps then the same command again (which resumes), at one ZeRO stage, 2 ranks. ZeRO
+    1 resumes exactly in bf16 below; every stage reshards bit for bit in test_reshard.py."""
     tmp = tmp_path_factory.mktemp(f"zero{request.param}")
     z = f"parallel.zero_stage={request.param}"
     train(digits, tmp / "straight", 2, "train.steps=20", "parallel.ep_size=2", z)
@@ -123,7 +124,7 @@ def test_bf16_trains_evaluates_and_resumes_exactly(bf16_runs, digits):
     assert alone["device"] == "cpu" and len(alone["worst_classes"]) == 5
 
 
-@pytest.mark.parametrize(("nproc", "ep"), [(1, 1), (4, 4)])
+@pytest.mark.parametrize(("nproc", "ep"), [(1, 1)])  # through `vimoe train`; the full matrix: test_reshard.py
 def test_resharding_to_another_ep_size_keeps_the_model(runs, digits, tmp_path, nproc, ep):
     if runs["zero"] != 0:
         pytest.skip("resharding is checked once, from the ZeRO-0 checkpoint")
@@ -161,11 +162,8 @@ def test_export_loads_without_deepspeed(runs, tmp_path):
 
 @pytest.mark.parametrize(
     ("overrides", "needle"),
-    [
-        (["parallel.ep_size=3"], "parallel.ep_size"),  # does not divide num_experts
-        (["parallel.ep_size=2"], "parallel.ep_size"),  # does not divide the world size of 1
+    [  # through a real rank process; the config, layout and data refusals are unit-tested (test_bad_inputs.py)
         (["train.global_batch_size=6"], "model.moe.group_size"),  # 6 images per rank, groups of 4
-        (["data.train=/nonexistent/train-{000000..000003}.tar"], "data.train"),
         (["run.out_dir=/proc/vimoe-cannot-write"], "run.out_dir"),
     ],
 )
