@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from vimoe_dist.atomic import write_atomic
 from vimoe_dist.config import Config
 from vimoe_dist.data.manifest import check_class_name
 from vimoe_dist.data.splits import Split, class_difference, resolve
@@ -112,6 +112,4 @@ def write_class_names(classes: list[str], path: str | os.PathLike) -> None:
     """`classes.txt`: one name per line, line i naming class i (names with line breaks are refused)."""
     for name in classes:
         check_class_name(name, str(path))
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text("".join(f"{name}\n" for name in classes))
-    tmp.replace(path)
+    write_atomic(path, "".join(f"{name}\n" for name in classes))

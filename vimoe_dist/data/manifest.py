@@ -15,6 +15,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vimoe_dist.atomic import write_atomic
 from vimoe_dist.errors import UserError
 
 MANIFEST_FORMAT = "vimoe-wds-manifest/1"
@@ -59,9 +60,7 @@ class Manifest:
         }
 
     def write(self, path: str | os.PathLike) -> None:
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        tmp.replace(path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
 
 def manifest_path(out_dir: str | os.PathLike, split: str) -> Path:

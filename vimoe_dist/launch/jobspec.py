@@ -22,6 +22,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from vimoe_dist.atomic import write_atomic
 from vimoe_dist.errors import UserError
 
 MODULE = "vimoe_dist.launch.jobspec"
@@ -39,15 +40,10 @@ def write_job_file(path: Path, argv: Sequence[str], env: Mapping[str, str]) -> N
         UserError: the directory cannot be made or written.
     """
     payload = json.dumps({"argv": list(argv), "env": dict(env)}, indent=1) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(payload)
-        os.replace(tmp, path)
+        write_atomic(path, payload, mode=0o600)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write the job file {path}: {e.strerror}") from None
 
 

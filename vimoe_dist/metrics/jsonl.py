@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from vimoe_dist.atomic import write_atomic
 from vimoe_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -128,13 +129,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
 
 def _drop_after(path: Path, start_step: int) -> None:
     kept = [r for r in read_jsonl(path) if not isinstance(r.get("step"), int) or r["step"] <= start_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    try:
-        tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    write_atomic(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
 
 
 def _line(record: Mapping[str, Any]) -> bytes:

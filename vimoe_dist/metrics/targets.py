@@ -23,7 +23,6 @@ cluster address) on a trusted network. See `vimoe_dist/launch/monitoring/prometh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from vimoe_dist.atomic import write_atomic
 from vimoe_dist.errors import UserError
 from vimoe_dist.launch.hostlist import expand_hostlist, expand_tasks_per_node
 from vimoe_dist.metrics.server import is_loopback
@@ -152,13 +152,7 @@ def slurm_targets(environ: Mapping[str, str], port: int) -> list[dict]:
 def write_targets(groups: list[dict], out: Path) -> None:
     """Writes atomically: Prometheus watches the directory and must never read half a file."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(groups, indent=2) + "\n")
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    write_atomic(out, json.dumps(groups, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

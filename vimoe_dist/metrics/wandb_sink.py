@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 import re
 import secrets
 import string
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vimoe_dist.atomic import write_atomic
 from vimoe_dist.errors import UserError
 from vimoe_dist.metrics.tracking import TrackerSink
 
@@ -120,7 +120,5 @@ def keep_run_id(run_dir: Path) -> str:
             return text
         log.warning("metrics.wandb: %s does not hold a W&B run id (%r); starting a new W&B run", path, text[:40])
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's own form
-    tmp = path.with_name(f".{RUN_ID_FILE}.tmp")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, run_id + "\n")
     return run_id

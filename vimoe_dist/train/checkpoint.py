@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vimoe_dist.atomic import write_atomic
 from vimoe_dist.config import Config
 from vimoe_dist.errors import UserError
 from vimoe_dist.parallel import collectives
@@ -59,26 +59,6 @@ def step_of(root: Path, tag: str) -> int:
         return int(load_file(main).get("step", 0))
     except (UserError, ValueError, TypeError):
         return 0
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write-to-temp, fsync, rename, fsync the directory: readers see the old file or the whole new one, also after
-    a power loss; a failed write leaves no temp file behind."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(
@@ -122,7 +102,7 @@ def save(
             tag_dir.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
             torch.save(rank_state, buf)
-            _atomic_write(tag_dir / rank_state_file(rank), buf.getvalue())
+            write_atomic(tag_dir / rank_state_file(rank), buf.getvalue(), durable=True)
             reason = _space_shortfall(root)
     except OSError as e:
         reason = f"{e.strerror or e} ({e.filename or tag_dir})"
@@ -151,8 +131,8 @@ def save(
 
     if rank == 0:
         try:
-            _atomic_write(tag_dir / COMPLETE, f"{world}\n".encode())
-            _atomic_write(root / LATEST, tag.encode())
+            write_atomic(tag_dir / COMPLETE, f"{world}\n", durable=True)
+            write_atomic(root / LATEST, tag, durable=True)
             _prune(root, keep)
         except OSError as e:
             reason = f"{e.strerror or e} ({e.filename or root})"

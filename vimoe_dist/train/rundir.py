@@ -35,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from vimoe_dist.atomic import write_atomic
 from vimoe_dist.config import Config, load_config, to_dict
 from vimoe_dist.data.check import CLASSES_FILE
 from vimoe_dist.errors import UserError
@@ -123,16 +124,9 @@ def write_run_file(path: Path, text: str) -> None:
     Raises:
         UserError: naming the file and the reason (a full disk, a read-only file system, ...).
     """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, text, durable=True)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise UserError(f"cannot write {str(path)!r} ({e.strerror or e})") from None
 
 
