@@ -66,10 +66,11 @@ def losses(run: Path) -> dict[int, float]:
     return out
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=lambda z: f"zero{z}")
+@pytest.fixture(scope="module", params=[0], ids=lambda z: f"zero{z}")
 def runs(request, digits, tmp_path_factory) -> dict[str, Path]:
-    """20 steps straight, and 10 steps then the same command again (which resumes), at one ZeRO stage, 2 ranks. ZeRO
-    1 resumes exactly in bf16 below; every stage reshards bit for bit in test_reshard.py."""
+    """20 steps straight, and 10 steps then the same command again (which resumes), ZeRO 0, 2 ranks. ZeRO 1 resumes
+    exactly in bf16 below, the shipped demo config in test_demo_resume.py; every stage reshards bit for bit and
+    resumes to the same losses in test_reshard.py."""
     tmp = tmp_path_factory.mktemp(f"zero{request.param}")
     z = f"parallel.zero_stage={request.param}"
     train(digits, tmp / "straight", 2, "train.steps=20", "parallel.ep_size=2", z)
@@ -137,8 +138,6 @@ def test_resharding_to_another_ep_size_keeps_the_model(runs, digits, tmp_path, n
 
 
 def test_export_loads_without_deepspeed(runs, tmp_path):
-    if runs["zero"] != 2:
-        pytest.skip("export is checked once, from the ZeRO-2 run")
     run = runs["straight"]
     out = tmp_path / "model.safetensors"
     subprocess.run(
@@ -192,12 +191,3 @@ def test_layout_error_comes_before_the_rendezvous(digits, tmp_path):
     assert errors == ["vimoe train: error: parallel.ep_size: 2 does not divide the world size 3"], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
-
-def test_incompatible_checkpoint_is_a_clear_error(runs, digits, tmp_path):
-    if runs["zero"] != 0:
-        pytest.skip("checked once")
-    run = tmp_path / "run"
-    shutil.copytree(runs["at10"], run)
-    wider = "model.backbone_kwargs={patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}"
-    proc = train(digits, run, 1, "train.steps=20", "parallel.ep_size=1", wider, expect=2)
-    assert "does not fit" in proc.stderr and "Traceback" not in proc.stderr

@@ -58,8 +58,8 @@ def launch(digits, out: Path, launcher: str, steps: int, checkpoint_every: int, 
     return Started(argv, out.parent / f"{launcher}.log")
 
 
-@pytest.mark.parametrize(
-    ("launcher", "module"), [("deepspeed", "deepspeed.launcher.runner"), ("torchrun", "vimoe_dist.parallel.torchrun")]
+@pytest.mark.parametrize(  # torchrun trains in test_torchrun_restarts_after_kill_9_and_resumes
+    ("launcher", "module"), [("deepspeed", "deepspeed.launcher.runner")]
 )
 def test_local_launcher_trains_digits(digits, tmp_path, launcher, module):
     out = tmp_path / "run"

@@ -48,7 +48,7 @@ from vimoe_dist.config import (
 from vimoe_dist.errors import UserError
 from vimoe_dist.launch.hostlist import expand_hostlist, expand_tasks_per_node, first_host
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # ------------------------------------------------------------------------------------------------------ config
 
@@ -445,7 +445,7 @@ hostile_values = st.recursive(
 
 
 @pytest.mark.slow
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(sorted(LEAVES)), value=hostile_values, as_override=st.booleans())
 def test_hostile_values_through_the_cli(worker, key, value, as_override):
     """`vimoe launch local --dry-run` with a hostile value in the file or as an override: exit 0, or exit 2 with one
