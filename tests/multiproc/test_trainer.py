@@ -190,4 +190,3 @@ def test_layout_error_comes_before_the_rendezvous(digits, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert errors == ["vimoe train: error: parallel.ep_size: 2 does not divide the world size 3"], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-
