@@ -21,10 +21,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(BIN)/python -m vimoe_dist demo
 
+# Two pytest workers: a unit test keeps one core busy, a job of several ranks waits on collectives and processes;
+# tests/xdist_groups.py keeps the system tests, the fault tests and each multi-process module on one worker each.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -p xdist_groups
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not multiproc and not system"
