@@ -10,8 +10,8 @@ import pytest
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
-STEPS = 400
-LIMIT_MIB_PER_1K = 16.0  # a leak of 16 KiB per step; the short window is noisier than the full soak's 8
+STEPS = 250
+LIMIT_MIB_PER_1K = 24.0  # a leak of 24 KiB per step; the short window is noisier than the full soak's 8
 
 
 def test_short_soak_keeps_memory_flat(jobs, digits_dir, tmp_path):  # jobs: DeepSpeed's CPU op is built

@@ -1,5 +1,5 @@
 """Optimizer state that reshards: a run saved at (4 ranks, ep_size 4) resumes at (2, 2) and at (1, 1), and (1, 1)
-saves again and resumes at (4, 4), for ZeRO 0, 1 and 2 in fp32 and for ZeRO 0 and 2 in bf16. After each resume the
+saves again and resumes at (4, 4), for ZeRO 0, 1 and 2 in fp32 and for ZeRO 2 in bf16. After each resume the
 optimizer state that DeepSpeed's own API gathers (Adam's moments and steps, the fp32 masters) equals, bit for bit,
 the state gathered when the checkpoint was saved, and the next steps' losses are those of the run that never changed
 layout (to 1e-4 relative in fp32; bf16 reduces in another order on another number of ranks). The (2, 2) resume reads
@@ -19,8 +19,7 @@ import pytest
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("reshard_worker.py")
-CASES = {"zero0": (0, "fp32"), "zero1": (1, "fp32"), "zero2": (2, "fp32"), "zero0-bf16": (0, "bf16"),
-         "zero2-bf16": (2, "bf16")}  # fmt: skip
+CASES = {"zero0": (0, "fp32"), "zero1": (1, "fp32"), "zero2": (2, "fp32"), "zero2-bf16": (2, "bf16")}
 STEPS = 6
 
 

@@ -66,32 +66,15 @@ def losses(run: Path) -> dict[int, float]:
     return out
 
 
-@pytest.fixture(scope="module", params=[0], ids=lambda z: f"zero{z}")
-def runs(request, digits, tmp_path_factory) -> dict[str, Path]:
-    """20 steps straight, and 10 steps then the same command again (which resumes), ZeRO 0, 2 ranks. ZeRO 1 resumes
-    exactly in bf16 below, the shipped demo config in test_demo_resume.py; every stage reshards bit for bit and
-    resumes to the same losses in test_reshard.py."""
-    tmp = tmp_path_factory.mktemp(f"zero{request.param}")
-    z = f"parallel.zero_stage={request.param}"
-    train(digits, tmp / "straight", 2, "train.steps=20", "parallel.ep_size=2", z)
-    resumed = tmp / "resumed"
-    train(digits, resumed, 2, "train.steps=20", "parallel.ep_size=2", z, "train.stop_at=10")
-    assert latest_tag(resumed / "checkpoints") == "step_00000010"
-    shutil.copytree(resumed, tmp / "at10")  # the step-10 checkpoint, for resharding
-    train(digits, resumed, 2, "train.steps=20", "parallel.ep_size=2", z)
-    return {"straight": tmp / "straight", "resumed": resumed, "at10": tmp / "at10", "zero": request.param}
-
-
-def test_exact_resume_gives_the_same_weights(runs):
-    a, b = final_weights(runs["straight"]), final_weights(runs["resumed"])
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    # the weights did move between the two checkpoints: the comparison above can fail
-    mid = single_device_state_dict(runs["resumed"] / "checkpoints", "step_00000010")
-    assert any(not torch.equal(mid[k], b[k]) for k in b)
-    assert losses(runs["resumed"])[20] == losses(runs["straight"])[20]
-    assert (runs["straight"] / "eval.json").is_file()
+@pytest.fixture(scope="module")
+def runs(digits, tmp_path_factory) -> dict[str, Path]:
+    """20 steps straight and 10 steps of the same run, ZeRO 0, 2 ranks. Exact resume is tested on the shipped demo
+    config (test_demo_resume.py) and in bf16 below; every ZeRO stage reshards bit for bit in test_reshard.py."""
+    tmp = tmp_path_factory.mktemp("zero0")
+    train(digits, tmp / "straight", 2, "train.steps=20", "parallel.ep_size=2")
+    train(digits, tmp / "at10", 2, "train.steps=20", "parallel.ep_size=2", "train.stop_at=10")
+    assert latest_tag(tmp / "at10" / "checkpoints") == "step_00000010"
+    return {"straight": tmp / "straight", "at10": tmp / "at10", "zero": 0}
 
 
 @pytest.fixture(scope="module")
