@@ -1,5 +1,6 @@
 """Layout invariance: the same config and global batches on 1 rank (ep 1), 2 ranks (ep 2) and 4 ranks (ep 2: two
-expert-parallel groups, their expert-data-parallel reduction included) give the same loss for 10 steps. Any difference is a bug in dispatch, grouping or gradient reduction."""
+expert-parallel groups, their expert-data-parallel reduction included) give the same loss for 10 steps. Any
+difference is a bug in dispatch, grouping or gradient reduction."""
 
 import json
 import os
