@@ -23,6 +23,18 @@ TINY_RUN = [
 ]
 
 
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`vimoe ARGV` in this process: its exit code, stdout and stderr (captured by pytest's `capsys`)."""
+    import pytest
+
+    from vimoe_dist.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
 def unset_env(monkeypatch, *names: str) -> None:
     """Removes `names` from os.environ for one test, and removes them again after it if the code under test set them:
     `monkeypatch.delenv(name, raising=False)` records nothing for an unset variable, so a variable the test's code

@@ -9,19 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import run_cli as run
 
-from vimoe_dist.cli import main
 from vimoe_dist.config import ConfigError, load_config, to_dict
 from vimoe_dist.resources import configs_dir, find_config, shipped_configs
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 @pytest.fixture(scope="module")

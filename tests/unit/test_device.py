@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from support import data_yaml, unset_env
+from support import run_cli as run
 
-from vimoe_dist.cli import main
 from vimoe_dist.config import ConfigError, load_config
 from vimoe_dist.errors import UserError
 from vimoe_dist.launch.sbatch import SlurmJob, render_sbatch
@@ -124,13 +124,6 @@ def test_a_slurm_job_without_gpus_cannot_need_them(config):
         preflight(load_config(config, ["parallel.precision=fp16"]), 1, gpus_per_node=0)
     with pytest.raises(ConfigError, match=r"^parallel\.precision: fp16 needs a CUDA device \(run\.device: cpu\)"):
         preflight(load_config(config, ["parallel.precision=fp16", "run.device=cpu"]), 1)
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 @pytest.fixture

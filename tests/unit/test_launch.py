@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import data_yaml, unset_env
+from support import data_yaml, run_cli, unset_env
 
-from vimoe_dist.cli import main
 from vimoe_dist.errors import UserError
 from vimoe_dist.launch import jobspec
 from vimoe_dist.launch.cmdline import build_deepspeed_hostfile, build_deepspeed_local, build_torchrun
@@ -36,13 +35,6 @@ def config(tmp_path, monkeypatch):
     path = tmp_path / "tiny.yaml"
     path.write_text(f"run:\n  out_dir: {tmp_path / 'run'}\ntrain:\n  steps: 5\n{data_yaml(tmp_path / 'data')}")
     return path
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 # ---- command lines -------------------------------------------------------------------------------------------

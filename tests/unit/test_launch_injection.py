@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 from launch_fakes import calls, make_fake_bin, srun_env
-from support import data_yaml
-
-from vimoe_dist.cli import main
+from support import data_yaml, run_cli
 
 PAYLOADS = [
     "$(touch {m})",
@@ -75,13 +73,6 @@ def sbatch_arguments(line: str) -> list[str]:
                 arg.append(c)
         assert not quote, f"unbalanced quote in {line!r}"
         args.append("".join(arg))
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 @pytest.fixture

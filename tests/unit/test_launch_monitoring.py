@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import run_cli
 
-from vimoe_dist.cli import main
 from vimoe_dist.launch.resources import MONITORING_FILES, monitoring_text
 
 PROMTOOL = shutil.which("promtool")
@@ -88,13 +88,6 @@ def test_a_rank_that_stops_answering_pages_and_a_job_that_ended_raises_nothing(t
     ]
     result = promtool_test(tmp_path, cases)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def sd_files(out: Path) -> list[str]:

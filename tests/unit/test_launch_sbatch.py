@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 from launch_fakes import calls, make_fake_bin, srun_env
-from support import data_yaml, unset_env
+from support import data_yaml, run_cli, unset_env
 
-from vimoe_dist.cli import main
 from vimoe_dist.errors import UserError
 from vimoe_dist.launch.cmdline import train_argv
 from vimoe_dist.launch.resources import load_template, template_names
@@ -43,13 +42,6 @@ def config(tmp_path, monkeypatch):
         f"run:\n  out_dir: {tmp_path / 'run'}\ntrain:\n  steps: 5\n{data_yaml(tmp_path / 'data')}  num_workers: 6\n"
     )
     return path
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def render(**kwargs) -> str:

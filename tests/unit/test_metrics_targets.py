@@ -9,20 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import run_cli
 
-from vimoe_dist.cli import main
 from vimoe_dist.config import load_config
 from vimoe_dist.metrics import build_metrics
 from vimoe_dist.net import free_port_block
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def make(tmp_path: Path, *extra: str):
