@@ -26,6 +26,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,11 @@ def register(studies: argparse._SubParsersAction, fmt: type) -> None:
         help="what runs `-m vimoe_dist train ...` (default: python)",
     )
     ro.add_argument("--timeout-s", type=float, default=3600.0, help="limit per local run (default 3600)")
+    ro.add_argument(
+        "--jobs", type=int, default=1, metavar="N",
+        help="local runs at once (default 1); with more, each run's output goes to OUT/ROUTER/seedS.log - on a "
+        "machine of C cores, N runs of OMP_NUM_THREADS=C/N each",
+    )  # fmt: skip
     ro.add_argument("--report-only", action="store_true", help="only write the table and plot of the finished runs")
     ro.add_argument("--dry-run", action="store_true", help="print the matching and the commands (or the sbatch script)")
     sl = ro.add_argument_group("Slurm array (instead of running one after the other here)")
@@ -148,12 +154,16 @@ def match_compute(cfg: Config, routers: list[str], tokens: int) -> list[Matching
         base = (f"model.moe.router={r}", f"model.moe.top_k={k}")
         if r.startswith("tc-"):
             ov = (*base, "model.moe.capacity_factor=1.0", "model.moe.eval_capacity_factor=1.0")
-            why = f"capacity_factor 1: C = {k} x {units} / {E} = {slots} slots per expert, at most {k * units} rows"
-            why += f" per group (dropped choices are not computed); {noise}; {kept or 'no auxiliary loss'}"
+            why = f"capacity_factor 1: C = {k} x {units} / {E} = {_count(slots, 'slot')} per expert, at most "
+            why += (
+                f"{k * units} rows per group (dropped choices are not computed); {noise}; {kept or 'no auxiliary loss'}"
+            )
         elif r.startswith("ec-"):
             ov = (*base, "model.moe.capacity_factor=1.0", "model.moe.eval_capacity_factor=1.0", *off)
-            why = f"capacity_factor 1: C = {slots} slots per expert, always full: {k * units} rows per group; {noise}; "
-            why += "no balancing loss (as its authors train it)"
+            why = (
+                f"capacity_factor 1: C = {_count(slots, 'slot')} per expert, always full: {k * units} rows per group; "
+            )
+            why += f"{noise}; no balancing loss (as its authors train it)"
         else:
             ov = ("model.moe.router=soft", f"model.moe.slots_per_expert={soft_slots}", "model.moe.noise_std=0", *off)
             if moe.routing == "token":
@@ -169,6 +179,10 @@ def match_compute(cfg: Config, routers: list[str], tokens: int) -> list[Matching
         )
         out.append(Matching(r, (*resets, *ov), why))
     return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def train_command(launch: str, config: str, overrides: list[str], matching: Matching, run: Run, out: Path) -> list[str]:
@@ -198,13 +212,15 @@ def run_study_routers(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds: must be >= 1, got {args.seeds}")
     if args.timeout_s <= 0:
         raise UserError(f"--timeout-s: must be > 0, got {args.timeout_s}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs: must be >= 1, got {args.jobs}")
     cfg = load_config(config, list(args.overrides))  # a typo fails here, not in the first run
     tokens = tokens_per_image(cfg)
     matchings = match_compute(cfg, routers, tokens)
     moe = cfg.model.moe
     print(f"study: matched compute: {moe.num_experts} experts, top_k {moe.top_k}, {tokens} tokens per image, "
-          f"{moe.routing} routing in groups of {moe.group_size} images: {moe.top_k * tokens} expert rows per image "
-          "for every router", flush=True)  # fmt: skip
+          f"{moe.routing} routing in groups of {_count(moe.group_size, 'image')}: {moe.top_k * tokens} expert rows per "
+          "image for every router", flush=True)  # fmt: skip
     for m in matchings:
         print(f"study:   {m.router:<12} {m.explain}")
     if not args.slurm and not args.dry_run:
@@ -215,28 +231,13 @@ def run_study_routers(args: argparse.Namespace) -> int:
     commands = [train_command(args.launch, config, list(args.overrides), by_router[r.router], r, out) for r in runs]
     if args.slurm:
         return _submit(args, runs, commands, out)
-    from vimoe_dist.metrics.progress import track
-
-    failed = []
-    # plain lines even on a terminal (the runs draw their own progress there): `study: i/N run`, elapsed and ETA
-    progress = {"total": len(runs), "unit": "run", "bar": False, "every_s": 0, "enabled": not args.dry_run}
-    for run, cmd in track(zip(runs, commands), "study", **progress):
-        if (out / run.name / "eval.json").is_file():
-            print(f"study: {run.name} done already", flush=True)
-            continue
-        print(f"study: {run.name}: {shlex.join(cmd)}", flush=True)
-        if args.dry_run:
-            continue
-        code = _run_bounded(cmd, args.timeout_s)
-        if code != 0:
-            failed.append(run.name)
-            why = f"timed out after {args.timeout_s:g} s" if code is None else f"exited with {code}"
-            print(f"study: {run.name} {why}; going on with the others", file=sys.stderr, flush=True)
+    failed = _run_here(runs, commands, out, args)
     if args.dry_run:
         return 0
     _report(write_report(out))
     if failed:
-        print(f"study: failed runs: {', '.join(failed)} (their logs are above; rerun to retry)", file=sys.stderr)
+        logs = "above" if args.jobs == 1 else f"in {out}/ROUTER/seedS.log"
+        print(f"study: failed runs: {', '.join(failed)} (their logs are {logs}; rerun to retry)", file=sys.stderr)
         return 1
     return 0
 
@@ -250,27 +251,118 @@ def _check_data(cfg: Config) -> None:
         raise UserError(f"{e} (the study's default task: vimoe data families --out data/families)") from None
 
 
+def _run_here(runs: list[Run], commands: list[list[str]], out: Path, args: argparse.Namespace) -> list[str]:
+    """Runs the study's runs on this machine, `--jobs` at a time, each bounded by `--timeout-s`; returns the names of
+    those that failed. A run whose eval.json exists is skipped; --dry-run only prints the commands."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from vimoe_dist.metrics.progress import track
+
+    todo = []
+    for run, cmd in zip(runs, commands):
+        if (out / run.name / "eval.json").is_file():
+            print(f"study: {run.name} done already", flush=True)
+        elif args.dry_run:
+            print(f"study: {run.name}: {shlex.join(cmd)}", flush=True)
+        else:
+            todo.append((run, cmd))
+    if not todo:
+        return []
+    env = None
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # N runs of all the cores each would oversubscribe
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        print(f"study: {args.jobs} runs at once, OMP_NUM_THREADS={threads} each (set it to choose)", flush=True)
+    runner = _Runner(args.timeout_s, env)
+
+    def one(run: Run, cmd: list[str]) -> int | None:
+        log = None if args.jobs == 1 else out / f"{run.name}.log"
+        line = f"study: {run.name}: {shlex.join(cmd)}" + (f" > {log}" if log else "")
+        print(line + "\n", end="", flush=True)  # one write: lines of runs started at once do not interleave
+        return runner.run(cmd, log)
+
+    failed = []
+    # plain lines even on a terminal (the runs draw their own progress there): `study: i/N run`, elapsed and ETA
+    progress = {"total": len(todo), "unit": "run", "bar": False, "every_s": 0}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        try:
+            futures = {pool.submit(one, run, cmd): run for run, cmd in todo}
+            for future in track(as_completed(futures), "study", **progress):
+                run, code = futures[future], future.result()
+                if code != 0:
+                    failed.append(run.name)
+                    why = f"timed out after {args.timeout_s:g} s" if code is None else f"exited with {code}"
+                    print(f"study: {run.name} {why}; going on with the others", file=sys.stderr, flush=True)
+        except BaseException:
+            runner.cancel()
+            raise
+    return sorted(failed)
+
+
+class _Runner:
+    """Runs training runs, each in its own process group, ended (TERM, then KILL) when it outlives `timeout_s`;
+    `cancel` ends every run still going and starts no other (an interrupted study leaves no orphan behind)."""
+
+    def __init__(self, timeout_s: float, env: dict[str, str] | None = None) -> None:
+        self.timeout_s, self.env, self.cancelled = timeout_s, env, False
+        self.live: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+
+    def run(self, cmd: list[str], log: Path | None = None) -> int | None:
+        """The run's exit code, or None when it timed out (or the study was cancelled)."""
+        with self.lock:
+            if self.cancelled:
+                return None
+            out = None
+            if log is not None:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                out = open(log, "ab")  # noqa: SIM115 - closed below, after the run
+            try:
+                proc = subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=out, env=self.env)
+            except BaseException:
+                if out is not None:
+                    out.close()
+                raise
+            self.live.add(proc)
+        try:
+            return proc.wait(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            _end_group(proc)
+            return None
+        except BaseException:
+            _end_group(proc, grace=())
+            raise
+        finally:
+            with self.lock:
+                self.live.discard(proc)
+            if out is not None:
+                out.close()
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            live = list(self.live)
+        for proc in live:
+            _end_group(proc, grace=())
+
+
+def _end_group(proc: subprocess.Popen, grace: tuple = ((signal.SIGTERM, 30),)) -> None:
+    """Ends a run's process group: each (signal, seconds) of `grace` in turn, then KILL."""
+    for sig, wait_s in (*grace, (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _run_bounded(cmd: list[str], timeout_s: float) -> int | None:
-    """Runs one training run in its own process group; on timeout the whole group is ended (TERM, then KILL)."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        return None
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        raise
+    """One training run in its own process group, ended when it outlives `timeout_s` (None then)."""
+    return _Runner(timeout_s).run(cmd)
 
 
 def _report(report) -> int:
