@@ -56,10 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     fa.add_argument("--out", required=True, metavar="DIR")
     fa.add_argument("--families", type=int, default=4, help="kinds of pattern, 1-6 (default 4)")
     fa.add_argument("--per-family", type=int, default=4, help="classes per family, 2-8 (default 4)")
-    fa.add_argument("--images", type=int, default=8000, help="train images (default 8000)")
-    fa.add_argument("--val-images", type=int, default=2000, help="val images (default 2000)")
+    fa.add_argument("--images", type=int, default=24000, help="train images (default 24000)")
+    fa.add_argument("--val-images", type=int, default=8000, help="val images (default 8000)")
     fa.add_argument("--size", type=int, default=16, metavar="PX", help="image side in pixels (default 16)")
     fa.add_argument("--noise", type=float, default=0.2, help="std of the pixel noise, in [0, 1] (default 0.2)")
+    fa.add_argument(
+        "--object", type=int, default=0, metavar="PX",
+        help="draw the pattern in a PX x PX window at a random place on a plain background (default 0: whole image)",
+    )  # fmt: skip
     fa.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     fa.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="writer processes")
     fa.add_argument("--seed", type=int, default=0)
@@ -131,8 +135,8 @@ def _families(args: argparse.Namespace) -> int:
     _check_counts(args)
     manifests = write_families(
         args.out, num_families=args.families, per_family=args.per_family, num_images=args.images,
-        num_val=args.val_images, size=args.size, noise=args.noise, max_count=args.max_count, num_procs=args.workers,
-        seed=args.seed,
+        num_val=args.val_images, size=args.size, noise=args.noise, object_size=args.object, max_count=args.max_count,
+        num_procs=args.workers, seed=args.seed,
     )  # fmt: skip
     _summary(manifests)
     return 0

@@ -7,7 +7,9 @@ needs features of that family, which is what experts in deep layers can speciali
 routing in deep layers follows the semantic class). Every image also draws nuisances the classes do not depend
 on - a colour tint, contrast, brightness, position, phase, a little jitter of the class attribute, and pixel noise -
 so the fine distinctions stay hard at small resolution and a small model does not saturate in a few minutes, which
-leaves room for routers to differ.
+leaves room for routers to differ. With an object window (`--object PX`) the pattern covers only part of the image
+and the rest is plain background, so a few tokens carry the class and the others do not: a task on which a router
+that gives some tokens more expert compute than others (expert choice) could gain.
 
 Images are lossless PNG; image i is a pure function of (seed, split, i); label = i mod the number of classes, so
 every split is balanced.
@@ -81,12 +83,21 @@ FAMILIES: dict[str, PatternFn] = {
 MAX_PER_FAMILY = 8
 
 
-def family_image(label: int, per_family: int, size: int, noise: float, rng: np.random.Generator) -> np.ndarray:
-    """One [size, size, 3] uint8 image of class `label` (family label // per_family, member label % per_family)."""
+def family_image(
+    label: int, per_family: int, size: int, noise: float, rng: np.random.Generator, obj: int = 0
+) -> np.ndarray:
+    """One [size, size, 3] uint8 image of class `label` (family label // per_family, member label % per_family).
+
+    obj > 0: the pattern fills an obj x obj window at a random place on a plain background, so only the tokens the
+    window covers carry the class (the rest is noise).
+    """
     family, member = divmod(label, per_family)
     pattern = list(FAMILIES.values())[family]
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
-    img = pattern(member, per_family, (y, x), rng)  # [0, 1]
+    side = obj or size
+    y, x = np.mgrid[0:side, 0:side].astype(np.float64) / side
+    img = np.full((size, size), 0.5)
+    oy, ox = rng.integers(0, size - side + 1, size=2)
+    img[oy : oy + side, ox : ox + side] = pattern(member, per_family, (y, x), rng)  # [0, 1]
     contrast, brightness = rng.uniform(0.35, 1.0), rng.uniform(-0.15, 0.15)
     tint = rng.uniform(0.3, 1.0, size=3)  # colour carries no class information
     rgb = 0.5 + brightness + contrast * (img[..., None] - 0.5) * tint
@@ -97,9 +108,11 @@ def family_image(label: int, per_family: int, size: int, noise: float, rng: np.r
 class _FamilySample:
     """Picklable sample function: index -> webdataset sample with a PNG image."""
 
-    def __init__(self, split: str, num_classes: int, per_family: int, size: int, noise: float, seed: int) -> None:
+    def __init__(
+        self, split: str, num_classes: int, per_family: int, size: int, noise: float, seed: int, obj: int = 0
+    ) -> None:
         self.split, self.num_classes, self.per_family = split, num_classes, per_family
-        self.size, self.noise, self.seed = size, noise, seed
+        self.size, self.noise, self.seed, self.obj = size, noise, seed, obj
 
     def __call__(self, i: int) -> dict:
         from PIL import Image
@@ -107,7 +120,7 @@ class _FamilySample:
         rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, i])
         label = i % self.num_classes
         buf = io.BytesIO()
-        img = family_image(label, self.per_family, self.size, self.noise, rng)
+        img = family_image(label, self.per_family, self.size, self.noise, rng, self.obj)
         Image.fromarray(img).save(buf, format="PNG")
         return {"__key__": f"{self.split}{i:08d}", "png": buf.getvalue(), "cls": label}
 
@@ -121,10 +134,11 @@ def write_families(
     out_dir: str | os.PathLike,
     num_families: int = 4,
     per_family: int = 4,
-    num_images: int = 8000,
-    num_val: int = 2000,
+    num_images: int = 24000,
+    num_val: int = 8000,
     size: int = 16,
     noise: float = 0.2,
+    object_size: int = 0,
     max_count: int = 1000,
     num_procs: int = 1,
     seed: int = 0,
@@ -145,10 +159,13 @@ def write_families(
             f"(got {num_images}, {num_val}, {size}, {noise})"
         )
     classes = class_names(num_families, per_family)
+    if object_size and not 4 <= object_size <= size:
+        raise UserError(f"--object: the window must be 0 (whole image) or 4 to --size {size} px, got {object_size}")
     source = f"families:seed={seed},size={size},noise={noise},families={num_families},per_family={per_family}"
+    source += f",object={object_size}" if object_size else ""
     return {
         split: write_split(
-            out_dir, split, n, _FamilySample(split, len(classes), per_family, size, noise, seed), classes,
+            out_dir, split, n, _FamilySample(split, len(classes), per_family, size, noise, seed, object_size), classes,
             max_count=max_count, num_procs=num_procs, source=source, progress=progress,
         )
         for split, n in (("train", num_images), ("val", num_val))
