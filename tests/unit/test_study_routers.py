@@ -9,11 +9,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from support import unset_env
 
 from vimoe_dist.analysis.router_report import findings, summarise, table_lines, write_report
-from vimoe_dist.analysis.study_routers import STUDY_ROUTERS, Run, _run_bounded, match_compute, parse_routers
+from vimoe_dist.analysis.study_routers import (
+    STUDY_ROUTERS,
+    Run,
+    _run_bounded,
+    _Runner,
+    match_compute,
+    parse_routers,
+)
 from vimoe_dist.cli import main
 from vimoe_dist.config import load_config
 from vimoe_dist.errors import UserError
@@ -21,6 +30,9 @@ from vimoe_dist.model.moe.routers import build_router
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "router_study.yaml")
+# the matching tests' shape (the shipped config's is 16 experts in groups of one image): 4 experts, top-1, groups of
+# 8 images of 16 tokens, so that each router's buffers hold several rows
+SHAPE = ["model.moe.num_experts=4", "model.moe.top_k=1", "model.moe.group_size=8"]
 
 
 def test_parse_routers() -> None:
@@ -36,7 +48,7 @@ def test_matching_gives_every_router_the_rows_of_token_choice(top_k: int, routin
     # Each matched router, built from the overrides and run on its routing groups, must offer exactly that: E C =
     # k U buffer slots per group of U units (token choice fills at most that many), k U rows for expert choice
     # (always full), E S = k U slots for Soft MoE, whose groups under token routing are single images (U = N).
-    overrides = [f"model.moe.top_k={top_k}", f"model.moe.routing={routing}"]
+    overrides = [*SHAPE, f"model.moe.top_k={top_k}", f"model.moe.routing={routing}"]
     cfg = load_config(CONFIG, overrides)
     torch.manual_seed(0)
     for m in match_compute(cfg, list(STUDY_ROUTERS), 16):
@@ -58,15 +70,17 @@ def test_matching_gives_every_router_the_rows_of_token_choice(top_k: int, routin
 
 
 def test_matching_that_cannot_be_met() -> None:
-    cfg = load_config(CONFIG, ["model.moe.num_experts=3"])  # 8 x 16 = 128 units per group, not a multiple of 3
+    cfg = load_config(CONFIG, [*SHAPE, "model.moe.num_experts=3"])  # 8 x 16 = 128 units per group, not a multiple of 3
     with pytest.raises(UserError, match="matched compute cannot be met: top_k 1 x 128 units per group = 128 expert"):
         match_compute(cfg, ["tc-softmax", "soft"], 16)
-    cfg = load_config(CONFIG, ["model.moe.num_experts=8"])  # 128 / 8 = 16 slots; Soft MoE 16 tokens / 8 = 2: fine
+    cfg = load_config(
+        CONFIG, [*SHAPE, "model.moe.num_experts=8"]
+    )  # 128 / 8 = 16 slots; Soft MoE 16 tokens / 8 = 2: fine
     assert len(match_compute(cfg, ["tc-softmax", "soft"], 16)) == 2
     # 12 tokens per image: 96 / 8 = 12 slots for the sparse routers, but Soft MoE's 12 / 8 = 1.5 per expert
     with pytest.raises(UserError, match="top_k 1 x 12 units per Soft MoE group = 12 expert rows"):
         match_compute(cfg, ["tc-softmax", "soft"], 12)
-    cfg = load_config(CONFIG, ["model.moe.min_capacity=40"])  # 128 / 4 = 32 slots per expert
+    cfg = load_config(CONFIG, [*SHAPE, "model.moe.min_capacity=40"])  # 128 / 4 = 32 slots per expert
     with pytest.raises(UserError, match="min_capacity=40 exceeds the 32 slots"):
         match_compute(cfg, ["ec-softmax"], 16)
 
@@ -80,6 +94,7 @@ def test_matching_that_cannot_be_met() -> None:
         (["model.moe.load_loss=-0.1"], "model.moe.load_loss: must be a finite number >= 0"),
         (["model.moe.z_loss=.inf"], "model.moe.z_loss: must be a finite number >= 0"),
         (["--seeds", "0"], "--seeds: must be >= 1"),
+        (["--jobs", "0"], "--jobs: must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tmp_path, capsys) -> None:
@@ -136,7 +151,7 @@ def test_slurm_dry_run_prints_one_array_task_per_run(tmp_path, capsys) -> None:
     assert "#SBATCH --array=0-3" in out and "#SBATCH --partition=gpu" in out
     for i, run in enumerate([Run("tc-softmax", 0), Run("soft", 0), Run("tc-softmax", 1), Run("soft", 1)]):
         assert f"  {i}) [ -f {tmp_path / run.name / 'eval.json'} ]" in out
-    assert "model.moe.slots_per_expert=4 model.moe.noise_std=0" in out and "run.seed=1" in out
+    assert "model.moe.slots_per_expert=1 model.moe.noise_std=0" in out and "run.seed=1" in out  # 16 / 16 experts
 
 
 def test_local_run_is_bounded_by_its_timeout(tmp_path) -> None:
@@ -155,8 +170,28 @@ def test_local_run_is_bounded_by_its_timeout(tmp_path) -> None:
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
 
 
+def test_cancel_ends_every_run_and_starts_no_other(tmp_path) -> None:
+    # Ctrl-C during `--jobs 2`: the runs in flight are ended at once (no 30 s grace, no orphan) and none starts after
+    from concurrent.futures import ThreadPoolExecutor
+
+    runner = _Runner(timeout_s=120)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(runner.run, sleeper, tmp_path / f"run{i}.log") for i in range(2)]
+        deadline = time.monotonic() + 30
+        while len(runner.live) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [p.pid for p in runner.live]
+        t0 = time.monotonic()
+        runner.cancel()
+        assert [f.result(timeout=30) for f in futures] == [-9, -9]
+    assert time.monotonic() - t0 < 10 and len(pids) == 2
+    assert runner.run(sleeper) is None  # cancelled: nothing new starts
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run0.log", "run1.log"]
+
+
 @pytest.mark.slow
-def test_study_end_to_end_at_a_tiny_size(tmp_path, capsys) -> None:
+def test_study_end_to_end_at_a_tiny_size(tmp_path, capsys, monkeypatch) -> None:
     # 2 routers x 2 seeds x 2 steps of a tiny model on a tiny families set: the real trainer, the real report
     data = tmp_path / "data"
     main_ok = ["data", "families", "--out", str(data), "--families", "2", "--per-family", "2", "--images", "64"]
@@ -167,21 +202,25 @@ def test_study_end_to_end_at_a_tiny_size(tmp_path, capsys) -> None:
     tiny = [f"data.train={data}/train-*.tar", f"data.val={data}/val-*.tar", "model.num_classes=4", "train.steps=2",
             "train.global_batch_size=16", "train.warmup_steps=1", "train.log_every=1", "data.num_workers=0",
             "model.backbone_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, class_token: false}",
-            ]  # fmt: skip
+            *SHAPE]  # fmt: skip
     argv = ["study", "routers", "--config", CONFIG, "--out", str(out), "--routers", "tc-softmax,soft", "--seeds", "2"]
-    with pytest.raises(SystemExit) as e:
-        main([*argv, "--timeout-s", "600", *tiny])
+    unset_env(monkeypatch, "OMP_NUM_THREADS")  # the study sets it for its runs: cores / --jobs
+    with pytest.raises(SystemExit) as e:  # two runs at a time, each writing its own log
+        main([*argv, "--timeout-s", "600", "--jobs", "2", *tiny])
     assert e.value.code == 0, capsys.readouterr().err[-3000:]
     captured = capsys.readouterr()
     printed = captured.out
     assert "study: 4/4 runs in " in captured.out + captured.err  # progress, one plain line per run
     assert "study:   soft         groups of one image (as its authors), slots_per_expert 4" in printed
+    assert "study: 2 runs at once, OMP_NUM_THREADS=" in printed
     report = json.loads((out / "routers.json").read_text())
     assert [(r["router"], r["seed"]) for r in report["runs"]] == [("soft", 0), ("soft", 1), ("tc-softmax", 0),
                                                                    ("tc-softmax", 1)]  # fmt: skip
     for run in report["runs"]:
         assert 0 <= run["dropped"] <= 100 and run["load"] >= 1.0 and run["images_per_sec"] > 0
     assert (out / "routers.png").stat().st_size > 0
+    for run in ("soft/seed0", "tc-softmax/seed1"):
+        assert "INFO start: device cpu" in (out / f"{run}.log").read_text()
     assert "(iii) Soft MoE over sparse MoE" in (out / "routers.md").read_text()
     # a second call runs nothing again and rewrites the same report
     with pytest.raises(SystemExit) as e:
@@ -198,3 +237,19 @@ def test_families_task_is_balanced_and_names_its_families(tmp_path) -> None:
     assert class_names(3, 2) == ["gratings0", "gratings1", "rings0", "rings1", "blobs0", "blobs1"]
     with pytest.raises(UserError, match="--families: must be between 1 and 6"):
         write_families(tmp_path, num_families=7)
+    with pytest.raises(UserError, match=r"--object: the window must be 0 \(whole image\) or 4 to --size 16 px, got 20"):
+        write_families(tmp_path, object_size=20)
+
+
+def test_families_object_window_holds_the_pattern_and_nothing_else() -> None:
+    # --object 8 on 24 px: outside the 8 x 8 window the image is the plain background (plus pixel noise), inside it
+    # varies with the pattern; the window's place changes from image to image
+    from vimoe_dist.data.families import family_image
+
+    corners = set()
+    for i in range(8):
+        img = family_image(i % 16, 4, 24, 0.0, np.random.default_rng(i), obj=8).astype(float).mean(axis=2)
+        rows, cols = np.nonzero(np.abs(img - np.median(img)) > 1)
+        assert rows.max() - rows.min() < 8 and cols.max() - cols.min() < 8, i
+        corners.add((rows.min() // 4, cols.min() // 4))
+    assert len(corners) > 1
