@@ -18,7 +18,6 @@ from vimoe_dist.analysis.router_report import findings, summarise, table_lines, 
 from vimoe_dist.analysis.study_routers import (
     STUDY_ROUTERS,
     Run,
-    _run_bounded,
     _Runner,
     match_compute,
     parse_routers,
@@ -163,7 +162,7 @@ def test_local_run_is_bounded_by_its_timeout(tmp_path) -> None:
     )
     code += ".write(str(p.pid)); time.sleep(120)"
     t0 = time.monotonic()
-    assert _run_bounded([sys.executable, "-c", code], timeout_s=2) is None
+    assert _Runner(timeout_s=2).run([sys.executable, "-c", code]) is None
     assert time.monotonic() - t0 < 60
     child = int(pid_file.read_text())
     time.sleep(0.5)

@@ -360,11 +360,6 @@ def _end_group(proc: subprocess.Popen, grace: tuple = ((signal.SIGTERM, 30),)) -
             continue
 
 
-def _run_bounded(cmd: list[str], timeout_s: float) -> int | None:
-    """One training run in its own process group, ended when it outlives `timeout_s` (None then)."""
-    return _Runner(timeout_s).run(cmd)
-
-
 def _report(report) -> int:
     for line in report.lines:
         print(line)
