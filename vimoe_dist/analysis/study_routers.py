@@ -270,7 +270,8 @@ def _run_here(runs: list[Run], commands: list[list[str]], out: Path, args: argpa
         return []
     env = None
     if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # N runs of all the cores each would oversubscribe
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // args.jobs)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         print(f"study: {args.jobs} runs at once, OMP_NUM_THREADS={threads} each (set it to choose)", flush=True)
     runner = _Runner(args.timeout_s, env)
