@@ -193,10 +193,12 @@ def test_cancel_ends_every_run_and_starts_no_other(tmp_path) -> None:
 def test_study_end_to_end_at_a_tiny_size(tmp_path, capsys, monkeypatch) -> None:
     # 2 routers x 2 seeds x 2 steps of a tiny model on a tiny families set: the real trainer, the real report
     data = tmp_path / "data"
-    main_ok = ["data", "families", "--out", str(data), "--families", "2", "--per-family", "2", "--images", "64"]
+    main_ok = ["data", "families", "--out", str(data), "--families", "2", "--per-family", "2", "--images", "64",
+               "--object", "12"]  # fmt: skip
     with pytest.raises(SystemExit) as e:
         main([*main_ok, "--val-images", "16", "--workers", "1", "--max-count", "32"])
     assert e.value.code == 0
+    assert json.loads((data / "train.json").read_text())["source"].endswith(",object=12")
     out = tmp_path / "study"
     tiny = [f"data.train={data}/train-*.tar", f"data.val={data}/val-*.tar", "model.num_classes=4", "train.steps=2",
             "train.global_batch_size=16", "train.warmup_steps=1", "train.log_every=1", "data.num_workers=0",
