@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/python -m vimoe_dist demo
 
 # Two pytest workers: a unit test keeps one core busy, a job of several ranks waits on collectives and processes;
-# tests/xdist_groups.py: each multi-process module runs on one worker (its module jobs once), the rest spreads.
+# tests/xdist_groups.py says how the tests are scheduled today, and what was measured.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
