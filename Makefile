@@ -22,13 +22,11 @@ demo: $(STAMP)
 	$(BIN)/python -m vimoe_dist demo
 
 # Two pytest workers: a unit test keeps one core busy, a job of several ranks waits on collectives and processes;
-# --dist loadfile: a file's tests run on one worker, so a module's jobs (test_reshard's four torchrun jobs, the layout
-# runs) run once. (--dist loadgroup with xdist_group marks does nothing under pytest 9 and xdist 3.8: the group
-# suffix xdist writes into item._nodeid never reaches the scheduler, so marked tests spread like --dist load.)
+# tests/xdist_groups.py says how the tests are scheduled today, and what was measured.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -p xdist_groups
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not multiproc and not system"
