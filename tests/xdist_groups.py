@@ -1,12 +1,12 @@
 """A pytest plugin (`-p xdist_groups`, from the Makefile) that marks tests with xdist groups: the system tests, the
 fault tests and each multi-process module.
 
-Known and measured (2026-12-06): this hook runs after xdist's own, which reads the marks, so today the marks do not
-change the schedule. Tests spread over both workers, and a module's fixtures (test_reshard's jobs, the layout runs,
-the fault suite's reference run) run once on each worker that takes some of its tests. That passed in 1,682 s for the
-whole CI run on a clean clone. With `@pytest.hookimpl(tryfirst=True)` the groups take effect and the duplicates go,
-but the grouped schedule was slower here (the fault group runs serially on one worker and the unit tests wait
-behind the groups); measure both before changing it."""
+Known and measured (2026-12-06): under pytest 9 and pytest-xdist 3.8 xdist_group marks do not change the schedule
+at all, static `pytestmark` ones included (a two-file example: a module marked as one group ran on both workers,
+and its node ids carry no `@group` suffix), so `--dist loadgroup` behaves as `--dist load`, and a module's fixtures
+(test_reshard's jobs, the layout runs, the fault suite's reference run) run once on each worker that takes some of
+its tests. That schedule passed the whole clean-clone CI run in 1,705 s. `--dist loadfile` was tried and had a
+failing test by the 90% mark; it was reverted before it was understood. Measure before changing this."""
 
 from __future__ import annotations
 
