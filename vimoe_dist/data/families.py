@@ -96,7 +96,8 @@ def family_image(
     side = obj or size
     y, x = np.mgrid[0:side, 0:side].astype(np.float64) / side
     img = np.full((size, size), 0.5)
-    oy, ox = rng.integers(0, size - side + 1, size=2)
+    # the window's place is drawn only with a window, so a whole-image set is the same as before --object existed
+    oy, ox = rng.integers(0, size - side + 1, size=2) if obj else (0, 0)
     img[oy : oy + side, ox : ox + side] = pattern(member, per_family, (y, x), rng)  # [0, 1]
     contrast, brightness = rng.uniform(0.35, 1.0), rng.uniform(-0.15, 0.15)
     tint = rng.uniform(0.3, 1.0, size=3)  # colour carries no class information
